@@ -1,0 +1,155 @@
+#!/usr/bin/env node
+// corekube's command line: `node tasks/cli.ts [options] TASK...` (the Makefile's targets
+// call it). One top-level catch maps errors to messages and exit codes.
+import { resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { defaultConfigFile, loadConfig } from './config.ts';
+import { defaultHttpSettings } from './download.ts';
+import { formatPlan, runStages, selectStages, type Renderer } from './engine.ts';
+import { ExitCode, InterruptedError, UserError } from './errors.ts';
+import { defaultLockFile } from './lock.ts';
+import { RunContext, type RunSettings } from './stage.ts';
+import { stages } from './stages.ts';
+import { hostFamily, installCommands, missingTools, type ToolName } from './tools.ts';
+
+const projectRoot = resolve(import.meta.dirname, '..');
+
+const usage = `usage: node tasks/cli.ts [options] TASK...
+       node tasks/cli.ts deps [--install] [TASK...]
+
+Tasks (each also runs what it needs, unless --only):
+${stages.map((s) => `  ${s.name.padEnd(10)} ${s.summary}`).join('\n')}
+  cluster    all of the above
+
+Options (Makefile variables in brackets):
+  --config FILE        cluster config (default cluster.yaml) [CONFIG]
+  --lock FILE          lock file (default corekube.lock.yaml) [LOCK]
+  --offline            no network at all: fail naming what is missing [OFFLINE=1]
+  --dry-run            show what would run and why, run nothing [DRY_RUN=1]
+  --force              run even what is fresh [FORCE=1]
+  --only               run only the named tasks, not what they need
+  --jobs N             parallel downloads (default 4) [JOBS]
+  --retries N          retries of a failed download (default ${defaultHttpSettings.retries}) [COREKUBE_HTTP_RETRIES]
+  --stall-timeout S    seconds without data before a download is retried (default ${defaultHttpSettings.stallTimeoutMs / 1000}) [COREKUBE_STALL_TIMEOUT]
+  --out DIR, --cache DIR   where outputs and the download cache live (default out/, cache/)
+  --renderer auto|simple|silent   progress display (auto: live on a terminal, lines in CI)`;
+
+function number(value: string | undefined, name: string, fallback: number, min: number): number {
+  if (value === undefined || value === '') return fallback;
+  const n = Number(value);
+  if (!Number.isFinite(n) || n < min) throw new UserError(`${name}: expected a number >= ${min}, found "${value}"`, ExitCode.usage);
+  return n;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: 'string' },
+      lock: { type: 'string' },
+      out: { type: 'string' },
+      cache: { type: 'string' },
+      offline: { type: 'boolean', default: false },
+      'dry-run': { type: 'boolean', default: false },
+      force: { type: 'boolean', default: false },
+      only: { type: 'boolean', default: false },
+      install: { type: 'boolean', default: false },
+      jobs: { type: 'string' },
+      retries: { type: 'string' },
+      'stall-timeout': { type: 'string' },
+      renderer: { type: 'string', default: 'auto' },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  });
+  if (values.help || positionals.length === 0) {
+    console.log(usage);
+    return values.help ? ExitCode.ok : ExitCode.usage;
+  }
+  const env = process.env;
+  const truthy = (v: string | undefined) => v !== undefined && v !== '' && v !== '0' && v !== 'false';
+
+  if (positionals[0] === 'deps') return deps(positionals.slice(1), values.install);
+
+  const names = positionals.flatMap((name) => (name === 'cluster' ? stages.map((s) => s.name) : [name]));
+  const settings: RunSettings = {
+    root: projectRoot,
+    outDir: resolve(values.out ?? env.OUT ?? resolve(projectRoot, 'out')),
+    cacheDir: resolve(values.cache ?? env.CACHE ?? resolve(projectRoot, 'cache')),
+    configFile: resolve(values.config ?? (env.CONFIG || resolve(projectRoot, defaultConfigFile))),
+    lockFile: resolve(values.lock ?? (env.LOCK || resolve(projectRoot, defaultLockFile))),
+    offline: values.offline || truthy(env.OFFLINE),
+    force: values.force || truthy(env.FORCE),
+    jobs: number(values.jobs ?? env.JOBS, '--jobs', 4, 1),
+    http: {
+      retries: number(values.retries ?? env.COREKUBE_HTTP_RETRIES, '--retries', defaultHttpSettings.retries, 0),
+      stallTimeoutMs:
+        number(values['stall-timeout'] ?? env.COREKUBE_STALL_TIMEOUT, '--stall-timeout', defaultHttpSettings.stallTimeoutMs / 1000, 0.05) * 1000,
+      backoffMs: number(env.COREKUBE_BACKOFF_MS, 'COREKUBE_BACKOFF_MS', defaultHttpSettings.backoffMs, 0),
+    },
+    interactive: Boolean(process.stdout.isTTY) && env.CI !== 'true',
+  };
+  const renderer = values.renderer as Renderer;
+  if (!['auto', 'simple', 'silent'].includes(renderer)) {
+    throw new UserError(`--renderer: expected auto, simple or silent, found "${renderer}"`, ExitCode.usage);
+  }
+  const selected = selectStages(stages, names, values.only);
+
+  const controller = new AbortController();
+  let interrupts = 0;
+  const onSignal = (signal: NodeJS.Signals) => {
+    interrupts++;
+    if (interrupts > 1) process.exit(ExitCode.interrupted);
+    process.stderr.write(`\ncorekube: ${signal}: stopping (temporary files are removed; press again to quit at once)\n`);
+    controller.abort(new InterruptedError());
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+
+  const ctx = new RunContext(settings, controller.signal);
+  void ctx.config; // a bad config stops everything before anything is written
+  const report = await runStages(ctx, selected, { dryRun: values['dry-run'], renderer });
+  if (values['dry-run']) {
+    console.log(formatPlan(report.plan ?? []));
+  } else if (report.ran.length === 0) {
+    console.log(`corekube: ${selected.map((s) => s.name).join(', ')}: fresh, nothing to do`);
+  }
+  return ExitCode.ok;
+}
+
+/** `make deps`: names the missing tools for the tasks and, with --install, installs them. */
+async function deps(names: string[], install: boolean): Promise<number> {
+  const selected = names.length > 0 ? selectStages(stages, names) : stages;
+  const missing = missingTools(selected.flatMap((s) => s.tools) as ToolName[]);
+  if (missing.length === 0) {
+    console.log(`corekube: every tool ${selected.map((s) => s.name).join(', ')} needs is installed`);
+    return ExitCode.ok;
+  }
+  const commands = installCommands(missing);
+  const family = hostFamily();
+  if (!install || !family) {
+    console.log(`missing: ${missing.join(', ')}\n  Debian/Ubuntu: ${commands.debian}\n  Fedora:        ${commands.fedora}`);
+    if (install) console.log('corekube: this is neither a Debian nor a Fedora family system: install those by hand');
+    return install ? ExitCode.missingTool : ExitCode.ok;
+  }
+  let command = commands[family];
+  if (process.getuid?.() === 0) command = command.replace(/^sudo /, '');
+  console.log(`corekube: installing ${missing.join(', ')}: ${command}`);
+  const { $ } = await import('zx');
+  const words = command.split(' ');
+  if (family === 'debian' && process.getuid?.() === 0) await $({ stdio: 'inherit' })`apt-get update -qq`;
+  await $({ stdio: 'inherit' })`${words}`;
+  return ExitCode.ok;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (error: unknown) => {
+    if (error instanceof UserError) {
+      process.stderr.write(`corekube: ${error.message}\n`);
+      process.exit(error.exitCode);
+    }
+    process.stderr.write(`corekube: internal error (a bug: please report it with this output)\n${error instanceof Error ? error.stack : String(error)}\n`);
+    process.exit(ExitCode.failure);
+  },
+);

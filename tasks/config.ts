@@ -1,0 +1,302 @@
+// cluster.yaml: what the user wants. Parsed once into typed values; every problem is
+// reported with its field path, and nothing runs on a bad config.
+import { readFileSync, statSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { InputError, UserError, ExitCode } from './errors.ts';
+import { fieldPath, parseYaml, Reader } from './fields.ts';
+import { cidrsOverlap, isHostAddress, parseCidr, parseIPv4, type Cidr } from './net.ts';
+
+export const fcosStreams = ['stable', 'testing', 'next'] as const;
+export const architectures = ['x86_64', 'aarch64'] as const;
+export const nodeRoles = ['control-plane', 'worker'] as const;
+export type Architecture = (typeof architectures)[number];
+export type NodeRole = (typeof nodeRoles)[number];
+
+/** Where each download family lives upstream; `mirrors` in cluster.yaml replaces these bases. */
+export const upstreamBases = {
+  fcos: 'https://builds.coreos.fedoraproject.org',
+  kubernetes: 'https://dl.k8s.io',
+  github: 'https://github.com',
+} as const;
+export type DownloadFamily = keyof typeof upstreamBases;
+
+export interface NodeConfig {
+  name: string;
+  role: NodeRole;
+  ip: string;
+  cpus: number;
+  memoryMiB: number;
+}
+
+export interface RegistryMirror {
+  location: string; // host[:port][/path]
+  insecure: boolean;
+}
+
+export interface ClusterConfig {
+  file: string;
+  name: string;
+  fcos: { stream: (typeof fcosStreams)[number]; arch: Architecture; release?: string };
+  kubernetes: { version: string };
+  network: { nodeCidr: Cidr; podCidr: Cidr; serviceCidr: Cidr };
+  nodes: NodeConfig[];
+  sshPublicKeyFile: string;
+  sshPublicKey: string;
+  mirrors: { downloads: Record<DownloadFamily, string>; registries: Record<string, RegistryMirror> };
+}
+
+/** The Go/Kubernetes name of an architecture, as used in download URLs and image indexes. */
+export function goArch(arch: Architecture): 'amd64' | 'arm64' {
+  return arch === 'x86_64' ? 'amd64' : 'arm64';
+}
+
+export const defaultConfigFile = 'cluster.yaml';
+
+export function loadConfig(file: string): ClusterConfig {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new UserError(
+      code === 'ENOENT'
+        ? `${file}: no such file. Copy the example (cp cluster.example.yaml cluster.yaml) or name another with CONFIG=path.`
+        : `${file}: cannot read it (${code ?? String(error)})`,
+      ExitCode.config,
+    );
+  }
+  return parseConfig(file, text);
+}
+
+const dnsLabel = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
+const kubernetesVersion = /^v?\d+\.\d+(\.\d+)?$/;
+const fcosRelease = /^\d+\.\d{8}\.\d+\.\d+$/;
+const registryHost = /^[a-z0-9.-]+(:\d+)?$/;
+const registryLocation = /^[a-z0-9.-]+(:\d+)?(\/[a-z0-9._/-]+)?$/;
+
+/** Pure: text in, typed config out. Reads only the SSH public key file it names. */
+export function parseConfig(file: string, text: string): ClusterConfig {
+  const r = new Reader(file);
+  const root = r.object(parseYaml(file, text) ?? {}, '', [
+    'name',
+    'fcos',
+    'kubernetes',
+    'network',
+    'nodes',
+    'sshPublicKeyFile',
+    'mirrors',
+  ]);
+  if (!root) throw new InputError(file, r.problems);
+
+  const name = r.string(r.required(root, 'name', '', 'a cluster name'), 'name', 'a DNS label (a-z, 0-9, -)', dnsLabel);
+
+  const fcosIn = root.fcos === undefined ? {} : r.object(root.fcos, 'fcos', ['stream', 'arch', 'release']);
+  const stream = r.oneOf(fcosIn?.stream ?? 'stable', 'fcos.stream', fcosStreams);
+  const arch = r.oneOf(fcosIn?.arch ?? 'x86_64', 'fcos.arch', architectures);
+  const release =
+    fcosIn?.release === undefined
+      ? undefined
+      : r.string(fcosIn.release, 'fcos.release', 'an FCOS release like "43.20260802.3.1"', fcosRelease);
+
+  const kubeIn = r.object(r.required(root, 'kubernetes', '', 'a mapping with version'), 'kubernetes', ['version']);
+  const versionText = kubeIn
+    ? r.string(
+        r.required(kubeIn, 'version', 'kubernetes', 'a Kubernetes version'),
+        'kubernetes.version',
+        'a Kubernetes version like "v1.35.7" (or a minor like "v1.35")',
+        kubernetesVersion,
+      )
+    : undefined;
+
+  const netIn =
+    root.network === undefined ? {} : r.object(root.network, 'network', ['nodeCidr', 'podCidr', 'serviceCidr']);
+  const cidr = (key: string, fallback: string): Cidr | undefined => {
+    const value = netIn?.[key] ?? fallback;
+    const parsed = typeof value === 'string' ? parseCidr(value) : undefined;
+    if (!parsed) r.problem(`network.${key}`, 'an IPv4 CIDR with no host bits set, like "10.77.0.0/24"', JSON.stringify(value));
+    return parsed;
+  };
+  const nodeCidr = cidr('nodeCidr', '10.77.0.0/24');
+  const podCidr = cidr('podCidr', '10.244.0.0/16');
+  const serviceCidr = cidr('serviceCidr', '10.96.0.0/12');
+  const ranges: [string, Cidr | undefined][] = [
+    ['nodeCidr', nodeCidr],
+    ['podCidr', podCidr],
+    ['serviceCidr', serviceCidr],
+  ];
+  for (let i = 0; i < ranges.length; i++) {
+    for (let j = i + 1; j < ranges.length; j++) {
+      const [aName, a] = ranges[i]!;
+      const [bName, b] = ranges[j]!;
+      if (a && b && cidrsOverlap(a, b)) {
+        r.problem(`network.${bName}`, `a range that does not overlap network.${aName} (${a.text})`, b.text);
+      }
+    }
+  }
+
+  const nodes = parseNodes(r, root.nodes, nodeCidr);
+
+  const keyPath = r.string(
+    r.required(root, 'sshPublicKeyFile', '', 'the path of an SSH public key file'),
+    'sshPublicKeyFile',
+    'the path of an SSH public key file',
+  );
+  let sshPublicKeyFile = '';
+  let sshPublicKey = '';
+  if (keyPath) {
+    sshPublicKeyFile = resolveUserPath(keyPath, dirname(resolve(file)));
+    sshPublicKey = readPublicKey(r, sshPublicKeyFile);
+  }
+
+  const mirrors = parseMirrors(r, root.mirrors);
+
+  r.check();
+  return {
+    file,
+    name: name!,
+    fcos: { stream: stream!, arch: arch!, ...(release ? { release } : {}) },
+    kubernetes: { version: versionText!.startsWith('v') ? versionText! : `v${versionText}` },
+    network: { nodeCidr: nodeCidr!, podCidr: podCidr!, serviceCidr: serviceCidr! },
+    nodes,
+    sshPublicKeyFile,
+    sshPublicKey,
+    mirrors,
+  };
+}
+
+function parseNodes(r: Reader, value: unknown, nodeCidr: Cidr | undefined): NodeConfig[] {
+  const list = r.list(value ?? null, 'nodes', 'a list of nodes (at least one control-plane)');
+  if (!list) return [];
+  const nodes: NodeConfig[] = [];
+  const seenNames = new Map<string, number>();
+  const seenIps = new Map<string, number>();
+  list.forEach((item, index) => {
+    const path = fieldPath('nodes', index);
+    const node = r.object(item, path, ['name', 'role', 'ip', 'cpus', 'memory']);
+    if (!node) return;
+    const name = r.string(
+      r.required(node, 'name', path, 'a node name'),
+      fieldPath(path, 'name'),
+      'a host name (a DNS label: a-z, 0-9, -)',
+      dnsLabel,
+    );
+    const role = r.oneOf(r.required(node, 'role', path, 'a role'), fieldPath(path, 'role'), nodeRoles);
+    const ipText = r.string(r.required(node, 'ip', path, 'an IPv4 address'), fieldPath(path, 'ip'), 'an IPv4 address');
+    const ip = ipText === undefined ? undefined : parseIPv4(ipText);
+    if (ipText !== undefined && ip === undefined) r.problem(fieldPath(path, 'ip'), 'an IPv4 address', JSON.stringify(ipText));
+    if (ip !== undefined && nodeCidr && !isHostAddress(nodeCidr, ip)) {
+      r.problem(fieldPath(path, 'ip'), `a host address inside network.nodeCidr (${nodeCidr.text})`, JSON.stringify(ipText));
+    }
+    const isControlPlane = role === 'control-plane';
+    // kubeadm's preflight refuses a control plane with fewer than 2 CPUs or 1700 MB.
+    const cpus = r.integer(node.cpus ?? 2, fieldPath(path, 'cpus'), isControlPlane ? 2 : 1, 256);
+    const memoryMiB = parseMemory(r, node.memory ?? '4GiB', fieldPath(path, 'memory'), isControlPlane ? 2048 : 1024);
+    if (name !== undefined) {
+      const first = seenNames.get(name);
+      if (first !== undefined) r.problem(fieldPath(path, 'name'), `a name not used by nodes[${first}]`, JSON.stringify(name));
+      else seenNames.set(name, index);
+    }
+    if (ipText !== undefined && ip !== undefined) {
+      const first = seenIps.get(ipText);
+      if (first !== undefined) r.problem(fieldPath(path, 'ip'), `an address not used by nodes[${first}]`, JSON.stringify(ipText));
+      else seenIps.set(ipText, index);
+    }
+    if (name && role && ipText && cpus !== undefined && memoryMiB !== undefined) {
+      nodes.push({ name, role, ip: ipText, cpus, memoryMiB });
+    }
+  });
+  const controlPlanes = list.filter((n) => (n as { role?: unknown } | null)?.role === 'control-plane').length;
+  if (controlPlanes === 0) r.problem('nodes', 'exactly one node with role "control-plane"', 'none');
+  if (controlPlanes > 1) {
+    r.problem('nodes', 'exactly one node with role "control-plane" (HA control planes are not supported yet)', `${controlPlanes}`);
+  }
+  return nodes;
+}
+
+function parseMemory(r: Reader, value: unknown, path: string, minMiB: number): number | undefined {
+  const expected = `a size of at least ${minMiB} MiB, like "4GiB" or "2048MiB" (or a number of MiB)`;
+  let mib: number | undefined;
+  if (typeof value === 'number' && Number.isInteger(value)) mib = value;
+  if (typeof value === 'string') {
+    const match = /^(\d+)\s*(MiB|GiB)$/.exec(value.trim());
+    if (match) mib = Number(match[1]) * (match[2] === 'GiB' ? 1024 : 1);
+  }
+  if (mib === undefined || mib < minMiB || mib > 1024 * 1024) return r.problem(path, expected, JSON.stringify(value));
+  return mib;
+}
+
+function resolveUserPath(path: string, base: string): string {
+  if (path === '~' || path.startsWith('~/')) return resolve(homedir(), path.slice(2));
+  return isAbsolute(path) ? path : resolve(base, path);
+}
+
+const publicKeyLine = /^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/=]+( .*)?$/;
+
+function readPublicKey(r: Reader, file: string): string {
+  let text: string;
+  try {
+    if (!statSync(file).isFile()) return r.problem('sshPublicKeyFile', 'a readable SSH public key file', `${file} (not a file)`) ?? '';
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code ?? String(error);
+    r.problem('sshPublicKeyFile', 'a readable SSH public key file (make one with ssh-keygen -t ed25519)', `${file} (${code})`);
+    return '';
+  }
+  if (text.includes('PRIVATE KEY')) {
+    r.problem('sshPublicKeyFile', 'a PUBLIC key (the .pub file); a private key never leaves this machine', `a private key in ${file}`);
+    return '';
+  }
+  const lines = text.split('\n').map((line) => line.trim()).filter((line) => line && !line.startsWith('#'));
+  if (lines.length === 0 || !lines.every((line) => publicKeyLine.test(line))) {
+    r.problem('sshPublicKeyFile', 'OpenSSH public key lines ("ssh-ed25519 AAAA... comment")', `something else in ${file}`);
+    return '';
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+function parseMirrors(r: Reader, value: unknown): ClusterConfig['mirrors'] {
+  const downloads: Record<DownloadFamily, string> = { ...upstreamBases };
+  const registries: Record<string, RegistryMirror> = {};
+  if (value === undefined || value === null) return { downloads, registries };
+  const mirrors = r.object(value, 'mirrors', [...(Object.keys(upstreamBases) as DownloadFamily[]), 'registries']);
+  if (!mirrors) return { downloads, registries };
+  for (const family of Object.keys(upstreamBases) as DownloadFamily[]) {
+    if (mirrors[family] === undefined) continue;
+    const path = fieldPath('mirrors', family);
+    const url = r.string(mirrors[family], path, 'an http(s) base URL, like "https://mirror.example/k8s"');
+    if (url === undefined) continue;
+    if (!/^https?:\/\/[^/\s]+(\/\S*)?$/.test(url)) {
+      r.problem(path, 'an http(s) base URL, like "https://mirror.example/k8s"', JSON.stringify(url));
+      continue;
+    }
+    downloads[family] = url.replace(/\/+$/, '');
+  }
+  if (mirrors.registries !== undefined) {
+    const map = r.map(mirrors.registries, 'mirrors.registries');
+    for (const [host, entry] of Object.entries(map ?? {})) {
+      const path = fieldPath('mirrors.registries', host);
+      if (!registryHost.test(host)) r.problem(path, 'a registry host name like "registry.k8s.io"', `key "${host}"`);
+      const fields = r.object(entry, path, ['location', 'insecure']);
+      if (!fields) continue;
+      const location = r.string(
+        r.required(fields, 'location', path, 'host[:port][/path]'),
+        fieldPath(path, 'location'),
+        'host[:port][/path] of the mirror registry, like "127.0.0.1:5000"',
+        registryLocation,
+      );
+      const insecure = fields.insecure === undefined ? false : r.boolean(fields.insecure, fieldPath(path, 'insecure'));
+      if (location !== undefined && insecure !== undefined) registries[host] = { location, insecure };
+    }
+  }
+  return { downloads, registries };
+}
+
+/** Rewrites an upstream URL from the lock to the configured mirror (the checksum still guards the bytes). */
+export function mirrorUrl(url: string, downloads: Record<DownloadFamily, string>): string {
+  for (const family of Object.keys(upstreamBases) as DownloadFamily[]) {
+    const base = upstreamBases[family];
+    if (url === base || url.startsWith(`${base}/`)) return downloads[family] + url.slice(base.length);
+  }
+  return url;
+}

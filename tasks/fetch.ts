@@ -1,0 +1,254 @@
+// fetch: every artifact in the lock into the content-addressed cache (hashed while it
+// streams, verified before it lands), then hardlinked into out/artifacts/.
+import { spawn } from 'node:child_process';
+import { createWriteStream } from 'node:fs';
+import { readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import pLimit from 'p-limit';
+import { ChecksumError, placeLink, removeQuietly, sameFile, sha256Hasher, type Cache } from './cache.ts';
+import { mirrorUrl } from './config.ts';
+import { downloadChunks, type DownloadOptions, type Progress } from './download.ts';
+import { OfflineError, UserError } from './errors.ts';
+import { artifactFileName, artifactKeys, isXz, storedSha256, type Artifact } from './lock.ts';
+import type { RunContext, Stage } from './stage.ts';
+
+export const artifactsDir = 'artifacts';
+
+export function artifactOutput(artifact: Artifact): string {
+  return join(artifactsDir, artifactFileName(artifact));
+}
+
+export const fetchStage: Stage = {
+  name: 'fetch',
+  title: 'Fetch FCOS and the Kubernetes binaries',
+  summary: 'downloads every artifact in the lock into cache/, verified against its sha256, and links it into out/artifacts/',
+  needs: [],
+  tools: ['xz'],
+  inputs(ctx) {
+    return Object.fromEntries(
+      artifactKeys.map((key) => {
+        const artifact = ctx.lock.artifacts[key];
+        return [`artifacts.${key}`, `${artifactFileName(artifact)} sha256:${storedSha256(artifact)}`];
+      }),
+    );
+  },
+  outputs(ctx) {
+    return artifactKeys.map((key) => artifactOutput(ctx.lock.artifacts[key]));
+  },
+  async run(ctx, task) {
+    const { cache, settings } = ctx;
+    await cache.removeStaleTemporaries();
+    const artifacts = artifactKeys.map((key) => ctx.lock.artifacts[key]);
+    const missing = artifacts.filter((a) => !cache.has(storedSha256(a)));
+    if (settings.offline && missing.length > 0) throw offlineMissing(missing);
+
+    const limit = pLimit(settings.jobs);
+    const subtasks = task.newListr(
+      artifacts.map((artifact) => ({
+        title: artifact.key,
+        task: (_: unknown, sub: typeof task) =>
+          limit(async () => {
+            if (cache.has(storedSha256(artifact))) {
+              sub.title = `${artifact.key}: in cache`;
+            } else {
+              const started = performance.now();
+              const meter = progressMeter(settings.interactive, (line) => (sub.output = line));
+              await downloadToCache(cache, artifact, mirrorUrl(artifact.url, ctx.config.mirrors.downloads), {
+                signal: ctx.signal,
+                offline: settings.offline,
+                http: settings.http,
+                onProgress: meter,
+                onRetry: (attempt, reason) => (sub.output = `retry ${attempt}/${settings.http.retries}: ${reason}`),
+              });
+              sub.title = `${artifact.key}: fetched, ${formatRate(meter.received, performance.now() - started)}`;
+            }
+            const target = join(settings.outDir, artifactOutput(artifact));
+            const entry = cache.entryPath(storedSha256(artifact));
+            if (!(await sameFile(entry, target))) await placeLink(entry, target);
+          }),
+      })),
+      { concurrent: true, exitOnError: false, rendererOptions: { collapseSubtasks: false } },
+    );
+    await subtasks.run();
+    const failures = (subtasks.errors ?? []).map((e) => e.error);
+    if (failures.length > 0) {
+      const first = failures;
+      if (ctx.signal.aborted) throw ctx.signal.reason;
+      if (first.length === 1) throw first[0];
+      throw new UserError(`${first.length} artifacts failed:\n\n${first.map((e) => e.message).join('\n\n')}`);
+    }
+    await pruneStale(join(settings.outDir, artifactsDir), new Set(artifacts.map(artifactFileName)));
+    return Object.fromEntries(artifacts.map((a) => [artifactOutput(a), storedSha256(a)]));
+  },
+};
+
+function offlineMissing(missing: Artifact[]): OfflineError {
+  const list = missing.map((a) => `  ${a.key}: sha256 ${storedSha256(a)}\n    from ${a.url}`).join('\n');
+  return new OfflineError(
+    `offline: ${missing.length} artifact${missing.length === 1 ? ' is' : 's are'} not in the cache:\n${list}\n` +
+      `Fetch ${missing.length === 1 ? 'it' : 'them'} on a machine with network (make fetch) and carry cache/ across.`,
+  );
+}
+
+/** Removes files in out/artifacts/ that an older lock put there. */
+async function pruneStale(dir: string, keep: Set<string>): Promise<void> {
+  for (const name of await readdir(dir).catch(() => [] as string[])) {
+    if (!keep.has(name)) await rm(join(dir, name), { force: true, recursive: true });
+  }
+}
+
+/**
+ * Downloads one artifact into the cache: one pass over the bytes, hashed as they
+ * stream (and for .xz, decompressed by a multi-threaded xz and hashed again on the
+ * way to disk), written under a temporary name, verified, then renamed into place.
+ */
+export async function downloadToCache(cache: Cache, artifact: Artifact, url: string, options: DownloadOptions): Promise<string> {
+  const tmp = await cache.temporaryPath(artifact.key);
+  try {
+    const chunks = downloadChunks(url, options);
+    if (isXz(artifact)) {
+      const { compressedSha256, sha256 } = await writeXzDecompressed(chunks, tmp, options.signal);
+      verify(artifact, url, 'download', artifact.sha256, compressedSha256);
+      verify(artifact, url, 'decompressed image', artifact.uncompressedSha256!, sha256);
+    } else {
+      const { sha256 } = await writeHashed(chunks, tmp);
+      verify(artifact, url, 'download', artifact.sha256, sha256);
+    }
+    return await cache.commit(tmp, storedSha256(artifact));
+  } finally {
+    await removeQuietly(tmp);
+  }
+}
+
+function verify(artifact: Artifact, url: string, what: string, expected: string, found: string): void {
+  if (expected !== found) {
+    throw new ChecksumError(
+      `${artifact.key} from ${url} (${what})`,
+      expected,
+      found,
+      'The file was discarded; nothing was written to the cache. If the lock is right, the server or mirror ' +
+        'serves other bytes than upstream published; if upstream replaced the file, re-pin the lock.',
+    );
+  }
+}
+
+function hashingTransform(onChunk: (chunk: Buffer) => void): Transform {
+  return new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      onChunk(chunk);
+      callback(null, chunk);
+    },
+  });
+}
+
+async function writeHashed(chunks: AsyncIterable<Buffer>, path: string): Promise<{ sha256: string; size: number }> {
+  const hash = sha256Hasher();
+  let size = 0;
+  await pipeline(
+    chunks,
+    hashingTransform((chunk) => {
+      hash.update(chunk);
+      size += chunk.length;
+    }),
+    createWriteStream(path, { flags: 'wx', highWaterMark: 1 << 20 }),
+  );
+  return { sha256: hash.digest('hex'), size };
+}
+
+/**
+ * Streams compressed chunks through `xz --decompress --threads=0` into `path`, hashing
+ * both sides on the way: the output is never read back.
+ */
+export async function writeXzDecompressed(
+  chunks: AsyncIterable<Buffer>,
+  path: string,
+  signal: AbortSignal,
+): Promise<{ compressedSha256: string; sha256: string; size: number }> {
+  const compressedHash = sha256Hasher();
+  const hash = sha256Hasher();
+  let size = 0;
+  // A streaming child process, which zx's buffered output is not made for.
+  const xz = spawn('xz', ['--decompress', '--stdout', '--threads=0'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const killXz = () => xz.kill('SIGKILL');
+  signal.addEventListener('abort', killXz, { once: true });
+  let stderr = '';
+  xz.stderr.setEncoding('utf8').on('data', (text: string) => (stderr += text));
+  const exited = new Promise<number | null>((resolve, reject) => {
+    xz.once('error', reject);
+    xz.once('close', (code) => resolve(code));
+  });
+  const feeding = pipeline(
+    chunks,
+    hashingTransform((chunk) => compressedHash.update(chunk)),
+    xz.stdin,
+  );
+  const writing = pipeline(
+    xz.stdout,
+    hashingTransform((chunk) => {
+      hash.update(chunk);
+      size += chunk.length;
+    }),
+    createWriteStream(path, { flags: 'wx', highWaterMark: 1 << 20 }),
+  );
+  try {
+    const [fed, wrote, code] = await Promise.allSettled([feeding, writing, exited]);
+    if (fed.status === 'rejected') throw fed.reason;
+    if (code.status === 'rejected') throw new UserError(`cannot run xz: ${String(code.reason)}`);
+    if (code.value !== 0) throw new UserError(`xz failed (exit ${code.value}): ${stderr.trim() || 'no message'}. The download is not a valid .xz file.`);
+    if (wrote.status === 'rejected') throw wrote.reason;
+  } catch (error) {
+    killXz();
+    throw error;
+  } finally {
+    signal.removeEventListener('abort', killXz);
+  }
+  return { compressedSha256: compressedHash.digest('hex'), sha256: hash.digest('hex'), size };
+}
+
+export interface Meter {
+  (progress: Progress): void;
+  received: number;
+}
+
+/** A progress line: a bar, bytes and rate; a few times a second on a terminal, every 10 s in a log. */
+export function progressMeter(interactive: boolean, show: (line: string) => void): Meter {
+  const started = performance.now();
+  let last = 0;
+  const meter = ((progress: Progress) => {
+    meter.received = progress.received;
+    const now = performance.now();
+    const done = progress.total !== undefined && progress.received >= progress.total;
+    if (!done && now - last < (interactive ? 150 : 10_000)) return;
+    last = now;
+    show(formatProgress(progress, now - started));
+  }) as Meter;
+  meter.received = 0;
+  return meter;
+}
+
+export function formatProgress(progress: Progress, elapsedMs: number): string {
+  const rate = formatRate(progress.received, elapsedMs);
+  if (progress.total === undefined || progress.total === 0) return `${formatBytes(progress.received)}, ${rate}`;
+  const fraction = Math.min(1, progress.received / progress.total);
+  const width = 24;
+  const filled = Math.round(fraction * width);
+  const bar = `${'█'.repeat(filled)}${'░'.repeat(width - filled)}`;
+  return `${bar} ${(fraction * 100).toFixed(0).padStart(3)}% ${formatBytes(progress.received)} / ${formatBytes(progress.total)}, ${rate}`;
+}
+
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
+}
+
+function formatRate(bytes: number, elapsedMs: number): string {
+  return `${formatBytes(elapsedMs > 0 ? (bytes * 1000) / elapsedMs : 0)}/s`;
+}

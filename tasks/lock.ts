@@ -1,0 +1,190 @@
+// corekube.lock.yaml: what exactly ships. Every artifact with its upstream URL and
+// sha256, every image as name:tag@sha256. Parsed once into typed values.
+import { readFileSync } from 'node:fs';
+import { architectures, fcosStreams, type Architecture, type ClusterConfig } from './config.ts';
+import { ExitCode, InputError, UserError } from './errors.ts';
+import { fieldPath, parseYaml, Reader, sha256Pattern } from './fields.ts';
+
+export const defaultLockFile = 'corekube.lock.yaml';
+export const lockVersion = 1;
+
+/** Every artifact a node needs, in the order fetch reports them. */
+export const artifactKeys = [
+  'fcos-qemu',
+  'kubeadm',
+  'kubelet',
+  'kubectl',
+  'crictl',
+  'containerd',
+  'runc',
+  'cni-plugins',
+  'butane',
+] as const;
+export type ArtifactKey = (typeof artifactKeys)[number];
+
+export interface Artifact {
+  key: ArtifactKey;
+  url: string;
+  sha256: string; // of the bytes at url
+  /** For an .xz download: sha256 of the decompressed bytes, which is what the cache keeps. */
+  uncompressedSha256?: string;
+}
+
+export interface ImageRef {
+  name: string; // registry.k8s.io/kube-apiserver
+  tag: string; // v1.35.7
+  digest: string; // sha256:…
+  text: string; // name:tag@digest
+}
+
+export interface Lock {
+  file: string;
+  fcos: { stream: (typeof fcosStreams)[number]; release: string; arch: Architecture };
+  kubernetes: { version: string };
+  artifacts: Record<ArtifactKey, Artifact>;
+  images: ImageRef[];
+}
+
+/** The sha256 of what the cache holds for an artifact (decompressed, where it is compressed). */
+export function storedSha256(artifact: Artifact): string {
+  return artifact.uncompressedSha256 ?? artifact.sha256;
+}
+
+/** The file name an artifact has in out/artifacts/: the URL's, less the compression suffix. */
+export function artifactFileName(artifact: Artifact): string {
+  const base = decodeURIComponent(new URL(artifact.url).pathname.split('/').pop() ?? artifact.key);
+  return isXz(artifact) ? base.replace(/\.xz$/, '') : base;
+}
+
+export function isXz(artifact: Artifact): boolean {
+  return new URL(artifact.url).pathname.endsWith('.xz');
+}
+
+export function loadLock(file: string): Lock {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
+      throw new UserError(
+        `${file}: no lock file. corekube ships no lock with checksums it has not verified: ` +
+          `write it from upstream's published checksums as described in README.md ("The lock"), ` +
+          `or bring one from a machine that has it.`,
+        ExitCode.config,
+      );
+    }
+    throw new UserError(`${file}: cannot read it (${String(error)})`, ExitCode.config);
+  }
+  return parseLock(file, text);
+}
+
+const imagePattern = /^((?:[a-z0-9.-]+(?::\d+)?\/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?:\/[a-z0-9]+(?:[._-]+[a-z0-9]+)*)*):([\w][\w.-]{0,127})@(sha256:[0-9a-f]{64})$/;
+
+export function parseImageRef(text: string): ImageRef | undefined {
+  const match = imagePattern.exec(text);
+  if (!match) return undefined;
+  return { name: match[1]!, tag: match[2]!, digest: match[3]!, text };
+}
+
+export function parseLock(file: string, text: string): Lock {
+  const r = new Reader(file);
+  const root = r.object(parseYaml(file, text) ?? {}, '', ['lockVersion', 'fcos', 'kubernetes', 'artifacts', 'images']);
+  if (!root) throw new InputError(file, r.problems);
+  const version = r.required(root, 'lockVersion', '', `lockVersion ${lockVersion}`);
+  if (version !== undefined && version !== lockVersion) {
+    r.problem('lockVersion', `${lockVersion} (this corekube's lock format)`, JSON.stringify(version));
+  }
+
+  const fcosIn = r.object(r.required(root, 'fcos', '', 'the pinned FCOS release'), 'fcos', ['stream', 'release', 'arch']);
+  const stream = fcosIn ? r.oneOf(fcosIn.stream, 'fcos.stream', fcosStreams) : undefined;
+  const release = fcosIn ? r.string(fcosIn.release, 'fcos.release', 'an FCOS release', /^\d+\.\d{8}\.\d+\.\d+$/) : undefined;
+  const arch = fcosIn ? r.oneOf(fcosIn.arch, 'fcos.arch', architectures) : undefined;
+
+  const kubeIn = r.object(r.required(root, 'kubernetes', '', 'the pinned Kubernetes release'), 'kubernetes', ['version']);
+  const kubeVersion = kubeIn
+    ? r.string(kubeIn.version, 'kubernetes.version', 'an exact Kubernetes release like "v1.35.7"', /^v\d+\.\d+\.\d+$/)
+    : undefined;
+
+  const artifactsIn = r.object(r.required(root, 'artifacts', '', 'the pinned artifacts'), 'artifacts', artifactKeys);
+  const artifacts: Partial<Record<ArtifactKey, Artifact>> = {};
+  if (artifactsIn) {
+    for (const key of artifactKeys) {
+      const path = fieldPath('artifacts', key);
+      const entry = r.object(r.required(artifactsIn, key, 'artifacts', 'url and sha256'), path, [
+        'url',
+        'sha256',
+        'uncompressedSha256',
+      ]);
+      if (!entry) continue;
+      const url = r.string(entry.url, fieldPath(path, 'url'), 'an https URL', /^https?:\/\/\S+$/);
+      const sha256 = r.string(entry.sha256, fieldPath(path, 'sha256'), '64 lowercase hex digits', sha256Pattern);
+      const compressed = url !== undefined && url.endsWith('.xz');
+      let uncompressedSha256: string | undefined;
+      if (entry.uncompressedSha256 !== undefined || compressed) {
+        uncompressedSha256 = r.string(
+          entry.uncompressedSha256,
+          fieldPath(path, 'uncompressedSha256'),
+          compressed ? '64 lowercase hex digits (an .xz download needs the sha256 of its decompressed bytes)' : '64 lowercase hex digits',
+          sha256Pattern,
+        );
+        if (uncompressedSha256 !== undefined && !compressed) {
+          r.problem(fieldPath(path, 'uncompressedSha256'), 'no uncompressedSha256 for a URL that is not .xz', uncompressedSha256);
+        }
+      }
+      if (url && sha256) artifacts[key] = { key, url, sha256, ...(uncompressedSha256 ? { uncompressedSha256 } : {}) };
+    }
+  }
+
+  const imagesIn = root.images === undefined ? [] : r.list(root.images, 'images', 'a list of name:tag@sha256:… references');
+  const images: ImageRef[] = [];
+  const seen = new Map<string, number>();
+  imagesIn?.forEach((item, index) => {
+    const path = fieldPath('images', index);
+    const ref = typeof item === 'string' ? parseImageRef(item) : undefined;
+    if (!ref) {
+      r.problem(path, 'an image as name:tag@sha256:<64 hex>, like "registry.k8s.io/pause:3.10.1@sha256:…"', JSON.stringify(item));
+      return;
+    }
+    const key = `${ref.name}:${ref.tag}`;
+    const first = seen.get(key);
+    if (first !== undefined) r.problem(path, `one entry per name:tag (images[${first}] has ${key})`, JSON.stringify(item));
+    seen.set(key, index);
+    images.push(ref);
+  });
+
+  r.check();
+  return {
+    file,
+    fcos: { stream: stream!, release: release!, arch: arch! },
+    kubernetes: { version: kubeVersion! },
+    artifacts: artifacts as Record<ArtifactKey, Artifact>,
+    images,
+  };
+}
+
+/** The lock must have been pinned for what cluster.yaml asks; otherwise the user re-pins. */
+export function checkLockMatchesConfig(lock: Lock, config: ClusterConfig): void {
+  const problems: { path: string; expected: string; found: string }[] = [];
+  if (lock.fcos.arch !== config.fcos.arch) {
+    problems.push({ path: 'fcos.arch', expected: `${config.fcos.arch} (from ${config.file})`, found: lock.fcos.arch });
+  }
+  if (lock.fcos.stream !== config.fcos.stream) {
+    problems.push({ path: 'fcos.stream', expected: `${config.fcos.stream} (from ${config.file})`, found: lock.fcos.stream });
+  }
+  if (config.fcos.release && lock.fcos.release !== config.fcos.release) {
+    problems.push({ path: 'fcos.release', expected: `${config.fcos.release} (from ${config.file})`, found: lock.fcos.release });
+  }
+  const wanted = config.kubernetes.version;
+  const exact = /^v\d+\.\d+\.\d+$/.test(wanted);
+  const locked = lock.kubernetes.version;
+  if (exact ? locked !== wanted : !locked.startsWith(`${wanted}.`)) {
+    problems.push({
+      path: 'kubernetes.version',
+      expected: exact ? `${wanted} (from ${config.file})` : `a ${wanted}.x release (from ${config.file})`,
+      found: locked,
+    });
+  }
+  if (problems.length > 0) {
+    throw new InputError(lock.file, problems, `The lock was pinned for another cluster.yaml: re-pin it, or change ${config.file} back.`);
+  }
+}

@@ -1,0 +1,6 @@
+// The one list of stages, in dependency order. The CLI, `make <task>` and the graph
+// all come from here: adding a stage is one file and one line.
+import { fetchStage } from './fetch.ts';
+import type { Stage } from './stage.ts';
+
+export const stages: readonly Stage[] = [fetchStage];
