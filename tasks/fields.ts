@@ -27,8 +27,12 @@ export class Reader {
     if (this.problems.length > 0) throw new InputError(this.file, this.problems, hint);
   }
 
-  /** A mapping whose keys must all be among `keys` (unknown keys are typos until proven otherwise). */
+  /**
+   * A mapping whose keys must all be among `keys` (unknown keys are typos until proven
+   * otherwise). `undefined` is a value `required` already reported: no second problem.
+   */
   object(value: unknown, path: string, keys: readonly string[]): Record<string, unknown> | undefined {
+    if (value === undefined) return undefined;
     if (value === null || typeof value !== 'object' || Array.isArray(value)) {
       return this.problem(path, 'a mapping', describe(value));
     }
@@ -94,12 +98,12 @@ export class Reader {
 
 /** Parses YAML text into plain values; a syntax error names the line and column. */
 export function parseYaml(file: string, text: string): unknown {
-  const doc = parseDocument(text, { prettyErrors: false, uniqueKeys: true });
+  const doc = parseDocument(text, { prettyErrors: true, uniqueKeys: true });
   if (doc.errors.length > 0) {
     const problems = doc.errors.map((e) => ({
       path: e.linePos ? `line ${e.linePos[0].line}, column ${e.linePos[0].col}` : '',
       expected: 'valid YAML',
-      found: e.message.split('\n')[0] ?? e.message,
+      found: (e.message.split('\n')[0] ?? e.message).replace(/ at line \d+, column \d+:?$/, ''),
     }));
     throw new InputError(file, problems);
   }

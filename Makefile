@@ -1,0 +1,54 @@
+# corekube: `make cluster` builds everything, `make test` tests it. Each stage also runs
+# alone (`make fetch`). Variables: CONFIG=file LOCK=file OFFLINE=1 DRY_RUN=1 FORCE=1 JOBS=n
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Node 24 comes from the npm package `node` (a devDependency): node_modules/.bin first.
+export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
+NPM_STAMP := node_modules/.package-lock.json
+
+flag = $(if $(filter-out 0 false,$($(1))),$(2))
+CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only)
+
+# The stages, as in tasks/stages.ts.
+STAGES := fetch
+
+.PHONY: help cluster $(STAGES) deps test typecheck bench clean distclean
+
+help:
+	@echo "make cluster      build everything (the stages below, in order; fresh ones are skipped)"
+	@echo "make fetch        download FCOS and the Kubernetes binaries into cache/, verified"
+	@echo "make deps         install the system tools the stages need (apt-get or dnf)"
+	@echo "make test         type-check and run the tests"
+	@echo "make bench        run the benchmarks in bench/"
+	@echo "make clean        remove out/ (keeps cache/); make distclean also removes cache/ and node_modules/"
+	@echo "variables: CONFIG=cluster.yaml LOCK=corekube.lock.yaml OFFLINE=1 DRY_RUN=1 FORCE=1 ONLY=1 JOBS=4"
+
+# A fresh clone installs its npm dependencies on first use, and again when the lock changes.
+$(NPM_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	@touch $@
+
+cluster: $(NPM_STAMP)
+	$(CLI) cluster
+
+$(STAGES): $(NPM_STAMP)
+	$(CLI) $@
+
+deps: $(NPM_STAMP)
+	node tasks/cli.ts deps --install
+
+typecheck: $(NPM_STAMP)
+	tsc -p tsconfig.json
+
+test: $(NPM_STAMP) typecheck
+	node test/run.ts
+
+bench: $(NPM_STAMP)
+	node bench/run.ts
+
+clean:
+	rm -rf out
+
+distclean: clean
+	rm -rf cache node_modules

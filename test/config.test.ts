@@ -1,0 +1,195 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { loadConfig, mirrorUrl, parseConfig } from '../tasks/config.ts';
+import { InputError, UserError } from '../tasks/errors.ts';
+import { parseCidr, parseIPv4 } from '../tasks/net.ts';
+
+const dir = mkdtempSync(join(tmpdir(), 'corekube-config-'));
+const keyFile = join(dir, 'id.pub');
+writeFileSync(keyFile, 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5Zm9yY29yZWt1YmV0ZXN0c29ubHkxMjM0 test@corekube\n');
+const configFile = join(dir, 'cluster.yaml');
+
+const valid = `
+name: demo
+kubernetes:
+  version: v1.35.7
+nodes:
+  - {name: cp1, role: control-plane, ip: 10.77.0.10, cpus: 2, memory: 4GiB}
+  - {name: w1, role: worker, ip: 10.77.0.21, memory: 2048}
+sshPublicKeyFile: id.pub
+`;
+
+function problemsOf(text: string): { path: string; expected: string; found: string }[] {
+  try {
+    parseConfig(configFile, text);
+  } catch (error) {
+    if (error instanceof InputError) return error.problems;
+    throw error;
+  }
+  assert.unreachable('the config should have been refused');
+  return [];
+}
+
+function problemAt(text: string, path: string): { expected: string; found: string } {
+  const problems = problemsOf(text);
+  const hit = problems.find((p) => p.path === path);
+  assert.ok(hit, `expected a problem at ${path}, got ${JSON.stringify(problems)}`);
+  return hit!;
+}
+
+test('a valid config parses into typed values with defaults', () => {
+  const config = parseConfig(configFile, valid);
+  assert.is(config.name, 'demo');
+  assert.is(config.fcos.stream, 'stable');
+  assert.is(config.fcos.arch, 'x86_64');
+  assert.is(config.kubernetes.version, 'v1.35.7');
+  assert.is(config.network.podCidr.text, '10.244.0.0/16');
+  assert.equal(config.nodes[0], { name: 'cp1', role: 'control-plane', ip: '10.77.0.10', cpus: 2, memoryMiB: 4096 });
+  assert.is(config.nodes[1]!.memoryMiB, 2048);
+  assert.is(config.nodes[1]!.cpus, 2);
+  assert.is(config.sshPublicKeyFile, keyFile, 'the key path is relative to the config file');
+  assert.match(config.sshPublicKey, /^ssh-ed25519 /);
+  assert.is(config.mirrors.downloads.kubernetes, 'https://dl.k8s.io');
+});
+
+test('the example config parses (with a key file substituted)', async () => {
+  const { readFileSync } = await import('node:fs');
+  const example = readFileSync(join(import.meta.dirname, '..', 'cluster.example.yaml'), 'utf8').replace(
+    'sshPublicKeyFile: ~/.ssh/id_ed25519.pub',
+    'sshPublicKeyFile: id.pub',
+  );
+  const config = parseConfig(configFile, example);
+  assert.is(config.nodes.length, 2);
+});
+
+test('a minor version is accepted and normalized with a v', () => {
+  const config = parseConfig(configFile, valid.replace('version: v1.35.7', 'version: "1.35"'));
+  assert.is(config.kubernetes.version, 'v1.35');
+});
+
+test('unknown keys are refused, with a suggestion for a typo', () => {
+  const hit = problemAt(valid.replace('name: demo', 'name: demo\nnodez: []'), 'nodez');
+  assert.match(hit.expected, /did you mean "nodes"/);
+  assert.match(hit.found, /unknown key "nodez"/);
+  const nested = problemAt(valid.replace('cpus: 2, memory: 4GiB', 'cpu: 2, memory: 4GiB'), 'nodes[0].cpu');
+  assert.match(nested.expected, /cpus/);
+});
+
+test('wrong types name the field, the expected and the found', () => {
+  const hit = problemAt(valid.replace('cpus: 2, memory: 4GiB', 'cpus: two, memory: 4GiB'), 'nodes[0].cpus');
+  assert.match(hit.expected, /whole number/);
+  assert.is(hit.found, '"two"');
+  const role = problemAt(valid.replace('role: worker', 'role: master'), 'nodes[1].role');
+  assert.match(role.expected, /"control-plane", "worker"/);
+  const nodes = problemAt(valid.replace(/nodes:\n(  - .*\n)+/, 'nodes: cp1\n'), 'nodes');
+  assert.match(nodes.expected, /list/);
+});
+
+test('an IP outside the node CIDR is refused', () => {
+  const hit = problemAt(valid.replace('10.77.0.21', '10.78.0.21'), 'nodes[1].ip');
+  assert.match(hit.expected, /inside network.nodeCidr \(10\.77\.0\.0\/24\)/);
+  assert.is(hit.found, '"10.78.0.21"');
+  problemAt(valid.replace('10.77.0.21', '10.77.0.255'), 'nodes[1].ip'); // broadcast
+  problemAt(valid.replace('10.77.0.21', '10.77.0.300'), 'nodes[1].ip');
+});
+
+test('duplicate node names and IPs are refused, naming the first use', () => {
+  const names = problemAt(valid.replace('name: w1', 'name: cp1'), 'nodes[1].name');
+  assert.match(names.expected, /not used by nodes\[0\]/);
+  const ips = problemAt(valid.replace('10.77.0.21', '10.77.0.10'), 'nodes[1].ip');
+  assert.match(ips.expected, /not used by nodes\[0\]/);
+});
+
+test('no control-plane node is refused', () => {
+  const hit = problemAt(valid.replace('role: control-plane', 'role: worker'), 'nodes');
+  assert.match(hit.expected, /control-plane/);
+  assert.is(hit.found, 'none');
+});
+
+test('a control plane too small for kubeadm is refused', () => {
+  problemAt(valid.replace('cpus: 2, memory: 4GiB', 'cpus: 1, memory: 4GiB'), 'nodes[0].cpus');
+  const memory = problemAt(valid.replace('memory: 4GiB', 'memory: 1GiB'), 'nodes[0].memory');
+  assert.match(memory.expected, /at least 2048 MiB/);
+});
+
+test('a missing key file is refused, naming the path', () => {
+  const hit = problemAt(valid.replace('id.pub', 'missing.pub'), 'sshPublicKeyFile');
+  assert.match(hit.found, /missing\.pub \(ENOENT\)/);
+});
+
+test('a private key in place of the public one is refused', () => {
+  writeFileSync(join(dir, 'id'), '-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n');
+  const hit = problemAt(valid.replace('id.pub', 'id'), 'sshPublicKeyFile');
+  assert.match(hit.expected, /PUBLIC key/);
+});
+
+test('overlapping CIDRs and host bits are refused', () => {
+  const overlap = problemAt(valid.replace('name: demo', 'name: demo\nnetwork: {podCidr: 10.77.0.0/16}'), 'network.podCidr');
+  assert.match(overlap.expected, /does not overlap network.nodeCidr/);
+  problemAt(valid.replace('name: demo', 'name: demo\nnetwork: {serviceCidr: 10.96.0.1/12}'), 'network.serviceCidr');
+});
+
+test('all problems are reported at once', () => {
+  const problems = problemsOf(valid.replace('role: worker', 'role: boss').replace('10.77.0.10', '1.2.3.4').replace('id.pub', 'nope.pub'));
+  assert.equal(problems.map((p) => p.path).sort(), ['nodes[0].ip', 'nodes[1].role', 'sshPublicKeyFile']);
+});
+
+test('a YAML syntax error names the line', () => {
+  const problems = problemsOf('name: demo\nnodes: [\n');
+  assert.match(problems[0]!.path, /line \d+/);
+  assert.is(problems[0]!.expected, 'valid YAML');
+});
+
+test('the error message names the file, the path, the expected and the found', () => {
+  try {
+    parseConfig(configFile, valid.replace('10.77.0.21', '10.78.0.21'));
+    assert.unreachable();
+  } catch (error) {
+    assert.instance(error, InputError);
+    const message = (error as Error).message;
+    assert.ok(message.startsWith(`${configFile}: 1 problem`), message);
+    assert.match(message, /nodes\[1\]\.ip: expected a host address inside network\.nodeCidr \(10\.77\.0\.0\/24\), found "10\.78\.0\.21"/);
+  }
+});
+
+test('mirrors: download bases and registries', () => {
+  const config = parseConfig(
+    configFile,
+    `${valid}mirrors:\n  kubernetes: http://127.0.0.1:8080/k8s/\n  registries:\n    registry.k8s.io: {location: "127.0.0.1:5000", insecure: true}\n`,
+  );
+  assert.is(config.mirrors.downloads.kubernetes, 'http://127.0.0.1:8080/k8s');
+  assert.equal(config.mirrors.registries['registry.k8s.io'], { location: '127.0.0.1:5000', insecure: true });
+  assert.is(
+    mirrorUrl('https://dl.k8s.io/release/v1.35.7/bin/linux/amd64/kubeadm', config.mirrors.downloads),
+    'http://127.0.0.1:8080/k8s/release/v1.35.7/bin/linux/amd64/kubeadm',
+  );
+  assert.is(mirrorUrl('https://github.com/x/y', config.mirrors.downloads), 'https://github.com/x/y');
+  assert.is(mirrorUrl('https://dl.k8s.io.evil/x', config.mirrors.downloads), 'https://dl.k8s.io.evil/x');
+  problemAt(`${valid}mirrors:\n  kubernetes: ftp://x\n`, 'mirrors.kubernetes');
+  problemAt(`${valid}mirrors:\n  registries:\n    registry.k8s.io: {location: "127.0.0.1:5000", insecure: yes please}\n`, 'mirrors.registries.registry.k8s.io.insecure');
+});
+
+test('a missing config file says how to make one', () => {
+  try {
+    loadConfig(join(dir, 'nope.yaml'));
+    assert.unreachable();
+  } catch (error) {
+    assert.instance(error, UserError);
+    assert.match((error as Error).message, /no such file.*cluster\.example\.yaml/);
+  }
+});
+
+test('IPv4 and CIDR parsing', () => {
+  assert.is(parseIPv4('10.0.0.1'), 167772161);
+  assert.is(parseIPv4('10.0.0.256'), undefined);
+  assert.is(parseIPv4('010.0.0.1'), undefined);
+  assert.is(parseCidr('10.244.0.0/16')?.prefix, 16);
+  assert.is(parseCidr('10.244.0.0/33'), undefined);
+  assert.is(parseCidr('10.244.1.0/16'), undefined);
+});
+
+test.after(() => rmSync(dir, { recursive: true, force: true }));
+test.run();
