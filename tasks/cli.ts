@@ -74,8 +74,8 @@ async function main(argv: string[]): Promise<number> {
   const names = positionals.flatMap((name) => (name === 'cluster' ? stages.map((s) => s.name) : [name]));
   const settings: RunSettings = {
     root: projectRoot,
-    outDir: resolve(values.out ?? env.OUT ?? resolve(projectRoot, 'out')),
-    cacheDir: resolve(values.cache ?? env.CACHE ?? resolve(projectRoot, 'cache')),
+    outDir: resolve(values.out ?? (env.OUT_DIR || resolve(projectRoot, 'out'))),
+    cacheDir: resolve(values.cache ?? (env.CACHE_DIR || resolve(projectRoot, 'cache'))),
     configFile: resolve(values.config ?? (env.CONFIG || resolve(projectRoot, defaultConfigFile))),
     lockFile: resolve(values.lock ?? (env.LOCK || resolve(projectRoot, defaultLockFile))),
     offline: values.offline || truthy(env.OFFLINE),

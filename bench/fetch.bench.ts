@@ -1,0 +1,121 @@
+// Benchmarks for the foundation and fetch (issue: pipeline foundation):
+//  1. a no-op `make fetch` with everything fresh (target: under 0.5 s wall);
+//  2. fetching a 1 GiB file from the loopback server, hash included, against
+//     `curl -o /dev/null` on the same file in the same run (target: at least 0.8x);
+//  3. the xz stage: decompress + both hashes in one pass, against xz alone and against
+//     decompress-then-hash (the output is never read back).
+import { execFileSync, spawnSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { createReadStream, mkdtempSync, openSync, rmSync, statSync, writeSync, closeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Cache } from '../tasks/cache.ts';
+import { downloadChunks, defaultHttpSettings } from '../tasks/download.ts';
+import { downloadToCache, writeXzDecompressed } from '../tasks/fetch.ts';
+import type { Artifact } from '../tasks/lock.ts';
+import { startFixtureServer } from '../test/fixtures/http-server.ts';
+import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
+import { makeWorkspace, projectRoot, workspaceArgs } from '../test/helpers.ts';
+
+const results: string[] = [];
+const report = (line: string) => {
+  results.push(line);
+  console.log(line);
+};
+const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
+const seconds = (start: number) => (performance.now() - start) / 1000;
+const sizeGiB = Number(process.env.BENCH_GIB ?? 1);
+
+const work = mkdtempSync(join(tmpdir(), 'corekube-bench-'));
+const server = await startFixtureServer({ root: work });
+try {
+  // 1. no-op fetch
+  const tree = await buildUpstreamTree(join(work, 'tree-root'), { qcow2SizeMiB: 64 });
+  const treeServer = await startFixtureServer({ root: join(work, 'tree-root') });
+  const ws = makeWorkspace(tree, treeServer.url);
+  const cli = [join(projectRoot, 'tasks', 'cli.ts'), ...workspaceArgs(ws), 'fetch'];
+  execFileSync(process.execPath, cli, { env: { ...process.env, CI: 'true' } });
+  const noop: number[] = [];
+  for (let i = 0; i < 7; i++) {
+    const start = performance.now();
+    execFileSync(process.execPath, cli, { env: { ...process.env, CI: 'true' } });
+    noop.push(seconds(start));
+  }
+  const makeRuns: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const start = performance.now();
+    spawnSync('make', ['-s', '-C', projectRoot, 'fetch', `CONFIG=${ws.configFile}`, `LOCK=${ws.lockFile}`], {
+      env: { ...process.env, CI: 'true', OUT_DIR: ws.outDir, CACHE_DIR: ws.cacheDir },
+    });
+    makeRuns.push(seconds(start));
+  }
+  report(`no-op fetch: node tasks/cli.ts median ${median(noop).toFixed(3)} s, make fetch median ${median(makeRuns).toFixed(3)} s (target < 0.5 s)`);
+  await treeServer.close();
+  rmSync(ws.dir, { recursive: true, force: true });
+
+  // 2. 1 GiB over loopback, hash and write included, vs curl to /dev/null
+  const bigPath = join(work, 'big.bin');
+  const fd = openSync(bigPath, 'w');
+  const block = randomBytes(1 << 24);
+  for (let written = 0; written < sizeGiB * 1024 ** 3; written += block.length) writeSync(fd, block);
+  closeSync(fd);
+  const bigSha = createHash('sha256');
+  for await (const chunk of createReadStream(bigPath, { highWaterMark: 1 << 20 })) bigSha.update(chunk as Buffer);
+  const artifact: Artifact = { key: 'kubeadm', url: `${server.url}/big.bin`, sha256: bigSha.digest('hex') };
+  const bytes = statSync(bigPath).size;
+  const curlTimes: number[] = [];
+  const ourTimes: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    let start = performance.now();
+    execFileSync('curl', ['-sS', '-o', '/dev/null', artifact.url]);
+    curlTimes.push(seconds(start));
+    const cache = new Cache(join(work, `cache-${round}`));
+    start = performance.now();
+    await downloadToCache(cache, artifact, artifact.url, { signal: new AbortController().signal, offline: false, http: defaultHttpSettings });
+    ourTimes.push(seconds(start));
+    rmSync(cache.dir, { recursive: true, force: true });
+  }
+  const curlRate = bytes / median(curlTimes) / 1024 ** 2;
+  const ourRate = bytes / median(ourTimes) / 1024 ** 2;
+  report(
+    `download ${sizeGiB} GiB: corekube (hash + write + verify + rename) ${ourRate.toFixed(0)} MiB/s, ` +
+      `curl -o /dev/null ${curlRate.toFixed(0)} MiB/s: ratio ${(ourRate / curlRate).toFixed(2)} (target >= 0.8)`,
+  );
+
+  // 3. xz: one pass (download stream -> xz -d -T0 -> hash -> file, compressed hash on the way in)
+  const raw = join(work, 'image.raw');
+  const rawFd = openSync(raw, 'w');
+  const compressible = Buffer.alloc(1 << 20);
+  for (let i = 0; i < 512; i++) {
+    randomBytes(1 << 18).copy(compressible); // 1/4 random, 3/4 zeros: like a sparse disk image
+    writeSync(rawFd, compressible);
+  }
+  closeSync(rawFd);
+  execFileSync('xz', ['-T0', '-3', '-k', raw]);
+  const xzUrl = `${server.url}/image.raw.xz`;
+  const onePass: number[] = [];
+  const xzAlone: number[] = [];
+  const twoPass: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    let start = performance.now();
+    await writeXzDecompressed(downloadChunks(xzUrl, { signal: new AbortController().signal, offline: false, http: defaultHttpSettings }), join(work, `one-${round}`), new AbortController().signal);
+    onePass.push(seconds(start));
+    rmSync(join(work, `one-${round}`));
+    start = performance.now();
+    execFileSync('sh', ['-c', `curl -sS "${xzUrl}" | xz -d -T0 > /dev/null`]);
+    xzAlone.push(seconds(start));
+    start = performance.now();
+    execFileSync('sh', ['-c', `curl -sS -o "${work}/two.xz" "${xzUrl}" && sha256sum "${work}/two.xz" >/dev/null && xz -d -T0 -c "${work}/two.xz" > "${work}/two" && sha256sum "${work}/two" > /dev/null`]);
+    twoPass.push(seconds(start));
+    rmSync(join(work, 'two'), { force: true });
+    rmSync(join(work, 'two.xz'), { force: true });
+  }
+  report(
+    `xz 512 MiB image: one pass (download, decompress, both hashes, write) ${median(onePass).toFixed(2)} s; ` +
+      `curl | xz -d > /dev/null ${median(xzAlone).toFixed(2)} s; download, hash, decompress, hash again (two passes) ${median(twoPass).toFixed(2)} s`,
+  );
+} finally {
+  await server.close();
+  rmSync(work, { recursive: true, force: true });
+}
+

@@ -1,0 +1,134 @@
+// Test workspaces: a temp directory with a cluster.yaml whose mirrors point at the
+// fixture server, a lock written from the fixture tree's real checksums, and separate
+// out/ and cache/ directories.
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readdirSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { artifactKeys } from '../tasks/lock.ts';
+import { RunContext, type RunSettings } from '../tasks/stage.ts';
+import type { UpstreamTree } from './fixtures/upstream.ts';
+
+export const projectRoot = resolve(import.meta.dirname, '..');
+export const cliPath = join(projectRoot, 'tasks', 'cli.ts');
+
+export function lockYaml(tree: UpstreamTree, images: string[] = []): string {
+  const lines = [
+    '# corekube lock for the local test fixtures: checksums computed from the fixture bytes',
+    'lockVersion: 1',
+    `fcos: {stream: stable, release: ${tree.fcosRelease}, arch: x86_64}`,
+    `kubernetes: {version: ${tree.kubernetesVersion}}`,
+    'artifacts:',
+  ];
+  for (const key of artifactKeys) {
+    const artifact = tree.artifacts[key];
+    if (!artifact) throw new Error(`the fixture tree has no artifact ${key}`);
+    lines.push(`  ${key}:`, `    url: ${artifact.upstreamUrl}`, `    sha256: ${artifact.sha256}`);
+    if (artifact.uncompressedSha256) lines.push(`    uncompressedSha256: ${artifact.uncompressedSha256}`);
+  }
+  lines.push(`images:${images.length === 0 ? ' []' : ''}`, ...images.map((i) => `  - ${i}`));
+  return `${lines.join('\n')}\n`;
+}
+
+export interface Workspace {
+  dir: string;
+  configFile: string;
+  lockFile: string;
+  outDir: string;
+  cacheDir: string;
+  settings(overrides?: Partial<RunSettings>): RunSettings;
+  context(overrides?: Partial<RunSettings>, signal?: AbortSignal): RunContext;
+}
+
+export function makeWorkspace(tree: UpstreamTree, serverUrl: string, prefix = 'corekube-ws-'): Workspace {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  const configFile = join(dir, 'cluster.yaml');
+  const lockFile = join(dir, 'corekube.lock.yaml');
+  writeFileSync(join(dir, 'id.pub'), 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGNvcmVrdWJldGVzdGtleQ test@corekube\n');
+  writeFileSync(
+    configFile,
+    [
+      'name: test',
+      `kubernetes: {version: ${tree.kubernetesVersion}}`,
+      'nodes:',
+      '  - {name: cp1, role: control-plane, ip: 10.77.0.10}',
+      'sshPublicKeyFile: id.pub',
+      'mirrors:',
+      `  fcos: ${serverUrl}${tree.prefixes.fcos}`,
+      `  kubernetes: ${serverUrl}${tree.prefixes.kubernetes}`,
+      `  github: ${serverUrl}${tree.prefixes.github}`,
+      '',
+    ].join('\n'),
+  );
+  writeFileSync(lockFile, lockYaml(tree));
+  const outDir = join(dir, 'out');
+  const cacheDir = join(dir, 'cache');
+  const settings = (overrides: Partial<RunSettings> = {}): RunSettings => ({
+    root: projectRoot,
+    outDir,
+    cacheDir,
+    configFile,
+    lockFile,
+    offline: false,
+    force: false,
+    jobs: 4,
+    http: { retries: 3, stallTimeoutMs: 1500, backoffMs: 20 },
+    interactive: false,
+    ...overrides,
+  });
+  return {
+    dir,
+    configFile,
+    lockFile,
+    outDir,
+    cacheDir,
+    settings,
+    context: (overrides = {}, signal = new AbortController().signal) => new RunContext(settings(overrides), signal),
+  };
+}
+
+/** Every file below a directory, relative, sorted ([] when it does not exist). */
+export function listFiles(dir: string): string[] {
+  try {
+    return (readdirSync(dir, { recursive: true, withFileTypes: true }) as import('node:fs').Dirent[])
+      .filter((e) => !e.isDirectory())
+      .map((e) => join(e.parentPath, e.name).slice(dir.length + 1))
+      .sort();
+  } catch {
+    return [];
+  }
+}
+
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the real CLI in a child process, as `make` would. */
+export function runCli(args: string[], options: { env?: Record<string, string>; onStart?: (child: ReturnType<typeof spawn>) => void } = {}): Promise<CliResult> {
+  return new Promise((resolvePromise) => {
+    const child = spawn(process.execPath, [cliPath, ...args], {
+      env: { ...process.env, CI: 'true', ...options.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (t: string) => (stdout += t));
+    child.stderr.setEncoding('utf8').on('data', (t: string) => (stderr += t));
+    options.onStart?.(child);
+    child.on('close', (code) => resolvePromise({ code, stdout, stderr }));
+  });
+}
+
+export function workspaceArgs(ws: Workspace): string[] {
+  return ['--config', ws.configFile, '--lock', ws.lockFile, '--out', ws.outDir, '--cache', ws.cacheDir];
+}
+
+export async function waitFor(check: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
