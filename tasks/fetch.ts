@@ -12,7 +12,7 @@ import { mirrorUrl } from './config.ts';
 import { downloadChunks, type DownloadOptions, type Progress } from './download.ts';
 import { OfflineError, UserError } from './errors.ts';
 import { artifactFileName, artifactKeys, isXz, storedSha256, type Artifact } from './lock.ts';
-import type { RunContext, Stage } from './stage.ts';
+import type { Stage, StageTask } from './stage.ts';
 
 export const artifactsDir = 'artifacts';
 
@@ -44,40 +44,49 @@ export const fetchStage: Stage = {
     const missing = artifacts.filter((a) => !cache.has(storedSha256(a)));
     if (settings.offline && missing.length > 0) throw offlineMissing(missing);
 
+    const fetchOne = async (artifact: Artifact, sub: StageTask): Promise<void> => {
+      if (cache.has(storedSha256(artifact))) {
+        sub.title = `${artifact.key}: in cache`;
+      } else {
+        const started = performance.now();
+        const meter = progressMeter(settings.interactive, (line) => (sub.output = line));
+        await downloadToCache(cache, artifact, mirrorUrl(artifact.url, ctx.config.mirrors.downloads), {
+          signal: ctx.signal,
+          offline: settings.offline,
+          http: settings.http,
+          onProgress: meter,
+          onRetry: (attempt, reason) => (sub.output = `retry ${attempt}/${settings.http.retries}: ${reason}`),
+        });
+        sub.title = `${artifact.key}: fetched, ${formatRate(meter.received, performance.now() - started)}`;
+      }
+      const target = join(settings.outDir, artifactOutput(artifact));
+      const entry = cache.entryPath(storedSha256(artifact));
+      if (!(await sameFile(entry, target))) await placeLink(entry, target);
+    };
+
+    // listr2 shows one line per artifact; p-limit decides how many download at once.
     const limit = pLimit(settings.jobs);
+    const failures: Error[] = [];
     const subtasks = task.newListr(
       artifacts.map((artifact) => ({
         title: artifact.key,
-        task: (_: unknown, sub: typeof task) =>
+        task: (_: unknown, sub: StageTask) =>
           limit(async () => {
-            if (cache.has(storedSha256(artifact))) {
-              sub.title = `${artifact.key}: in cache`;
-            } else {
-              const started = performance.now();
-              const meter = progressMeter(settings.interactive, (line) => (sub.output = line));
-              await downloadToCache(cache, artifact, mirrorUrl(artifact.url, ctx.config.mirrors.downloads), {
-                signal: ctx.signal,
-                offline: settings.offline,
-                http: settings.http,
-                onProgress: meter,
-                onRetry: (attempt, reason) => (sub.output = `retry ${attempt}/${settings.http.retries}: ${reason}`),
-              });
-              sub.title = `${artifact.key}: fetched, ${formatRate(meter.received, performance.now() - started)}`;
+            try {
+              await fetchOne(artifact, sub);
+            } catch (error) {
+              failures.push(error as Error);
+              throw error;
             }
-            const target = join(settings.outDir, artifactOutput(artifact));
-            const entry = cache.entryPath(storedSha256(artifact));
-            if (!(await sameFile(entry, target))) await placeLink(entry, target);
           }),
       })),
       { concurrent: true, exitOnError: false, rendererOptions: { collapseSubtasks: false } },
     );
     await subtasks.run();
-    const failures = (subtasks.errors ?? []).map((e) => e.error);
-    if (failures.length > 0) {
-      const first = failures;
-      if (ctx.signal.aborted) throw ctx.signal.reason;
-      if (first.length === 1) throw first[0];
-      throw new UserError(`${first.length} artifacts failed:\n\n${first.map((e) => e.message).join('\n\n')}`);
+    if (ctx.signal.aborted) throw ctx.signal.reason;
+    if (failures.length === 1) throw failures[0];
+    if (failures.length > 1) {
+      throw new UserError(`${failures.length} artifacts failed:\n\n${failures.map((e) => e.message).join('\n\n')}`);
     }
     await pruneStale(join(settings.outDir, artifactsDir), new Set(artifacts.map(artifactFileName)));
     return Object.fromEntries(artifacts.map((a) => [artifactOutput(a), storedSha256(a)]));
@@ -109,7 +118,13 @@ export async function downloadToCache(cache: Cache, artifact: Artifact, url: str
   try {
     const chunks = downloadChunks(url, options);
     if (isXz(artifact)) {
-      const { compressedSha256, sha256 } = await writeXzDecompressed(chunks, tmp, options.signal);
+      const { compressedSha256, sha256 } = await writeXzDecompressed(chunks, tmp, options.signal).catch((error: unknown) => {
+        if (!(error instanceof XzError)) throw error;
+        throw new UserError(
+          `${artifact.key} from ${url}: the download is not the .xz file the lock names (${error.message}).\n` +
+            'The file was discarded; nothing was written to the cache. Check the mirror, or re-pin if upstream replaced the file.',
+        );
+      });
       verify(artifact, url, 'download', artifact.sha256, compressedSha256);
       verify(artifact, url, 'decompressed image', artifact.uncompressedSha256!, sha256);
     } else {
@@ -121,6 +136,8 @@ export async function downloadToCache(cache: Cache, artifact: Artifact, url: str
     await removeQuietly(tmp);
   }
 }
+
+class XzError extends Error {}
 
 function verify(artifact: Artifact, url: string, what: string, expected: string, found: string): void {
   if (expected !== found) {
@@ -194,9 +211,12 @@ export async function writeXzDecompressed(
   );
   try {
     const [fed, wrote, code] = await Promise.allSettled([feeding, writing, exited]);
-    if (fed.status === 'rejected') throw fed.reason;
+    // xz's own failure explains a broken pipe on the feeding side: report it first.
     if (code.status === 'rejected') throw new UserError(`cannot run xz: ${String(code.reason)}`);
-    if (code.value !== 0) throw new UserError(`xz failed (exit ${code.value}): ${stderr.trim() || 'no message'}. The download is not a valid .xz file.`);
+    if (code.value !== 0 && !signal.aborted) {
+      throw new XzError(`xz: ${stderr.trim().replace(/^xz: \(stdin\): /, '') || `exit ${code.value}`}`);
+    }
+    if (fed.status === 'rejected') throw fed.reason;
     if (wrote.status === 'rejected') throw wrote.reason;
   } catch (error) {
     killXz();
