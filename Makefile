@@ -11,7 +11,7 @@ flag = $(if $(filter-out 0 false,$($(1))),$(2))
 CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only)
 
 # The stages, as in tasks/stages.ts.
-STAGES := fetch
+STAGES := fetch images disk
 
 .PHONY: help cluster $(STAGES) deps test typecheck bench clean distclean
 

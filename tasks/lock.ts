@@ -33,7 +33,13 @@ export interface Artifact {
 export interface ImageRef {
   name: string; // registry.k8s.io/kube-apiserver
   tag: string; // v1.35.7
-  digest: string; // sha256:…
+  digest: string; // sha256:… of what the registry serves for name:tag: pulled by this digest
+  /**
+   * sha256:… of the manifest the OCI layout holds: the cluster architecture's manifest
+   * as skopeo writes it. It differs from `digest` when that pins a multi-arch index or a
+   * Docker-format manifest (converted to OCI on copy); otherwise the two are equal.
+   */
+  layoutDigest: string;
   text: string; // name:tag@digest
 }
 
@@ -83,7 +89,36 @@ const imagePattern = /^((?:[a-z0-9.-]+(?::\d+)?\/)?[a-z0-9]+(?:[._-]+[a-z0-9]+)*
 export function parseImageRef(text: string): ImageRef | undefined {
   const match = imagePattern.exec(text);
   if (!match) return undefined;
-  return { name: match[1]!, tag: match[2]!, digest: match[3]!, text };
+  return { name: match[1]!, tag: match[2]!, digest: match[3]!, layoutDigest: match[3]!, text };
+}
+
+const imageExample = 'an image as name:tag@sha256:<64 hex>, like "registry.k8s.io/pause:3.10.1@sha256:…"';
+
+/** One images[] entry: `name:tag@sha256:…`, or `{image: …, layoutDigest: sha256:…}` where the two differ. */
+function parseImageEntry(r: Reader, item: unknown, path: string): ImageRef | undefined {
+  let text = item;
+  let layoutDigest: string | undefined;
+  if (item !== null && typeof item === 'object' && !Array.isArray(item)) {
+    const fields = r.object(item, path, ['image', 'layoutDigest']);
+    if (!fields) return undefined;
+    text = r.required(fields, 'image', path, imageExample);
+    if (fields.layoutDigest !== undefined) {
+      layoutDigest = r.string(fields.layoutDigest, fieldPath(path, 'layoutDigest'), 'sha256:<64 hex>', /^sha256:[0-9a-f]{64}$/);
+      if (layoutDigest === undefined) return undefined;
+    }
+    path = fieldPath(path, 'image');
+  }
+  if (text === undefined) return undefined;
+  const ref = typeof text === 'string' ? parseImageRef(text) : undefined;
+  if (!ref) {
+    r.problem(path, imageExample, JSON.stringify(text));
+    return undefined;
+  }
+  if (!/^[a-z0-9-]+(\.[a-z0-9-]+)+(:\d+)?\/|^localhost(:\d+)?\/|^[a-z0-9.-]+:\d+\//.test(ref.name)) {
+    r.problem(path, `a fully qualified name with its registry host (docker.io/library/${ref.name.split('/').pop()}, not ${ref.name}), as containerd names it`, ref.text);
+    return undefined;
+  }
+  return layoutDigest ? { ...ref, layoutDigest } : ref;
 }
 
 export function parseLock(file: string, text: string): Lock {
@@ -140,11 +175,8 @@ export function parseLock(file: string, text: string): Lock {
   const seen = new Map<string, number>();
   imagesIn?.forEach((item, index) => {
     const path = fieldPath('images', index);
-    const ref = typeof item === 'string' ? parseImageRef(item) : undefined;
-    if (!ref) {
-      r.problem(path, 'an image as name:tag@sha256:<64 hex>, like "registry.k8s.io/pause:3.10.1@sha256:…"', JSON.stringify(item));
-      return;
-    }
+    const ref = parseImageEntry(r, item, path);
+    if (!ref) return;
     const key = `${ref.name}:${ref.tag}`;
     const first = seen.get(key);
     if (first !== undefined) r.problem(path, `one entry per name:tag (images[${first}] has ${key})`, JSON.stringify(item));

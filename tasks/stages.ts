@@ -1,6 +1,8 @@
 // The one list of stages, in dependency order. The CLI, `make <task>` and the graph
 // all come from here: adding a stage is one file and one line.
+import { diskStage } from './disk.ts';
 import { fetchStage } from './fetch.ts';
+import { imagesStage } from './images.ts';
 import type { Stage } from './stage.ts';
 
-export const stages: readonly Stage[] = [fetchStage];
+export const stages: readonly Stage[] = [fetchStage, imagesStage, diskStage];

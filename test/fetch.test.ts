@@ -15,17 +15,17 @@ import { fetchStage } from '../tasks/fetch.ts';
 import { artifactKeys } from '../tasks/lock.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { listFiles, makeWorkspace, runCli, waitFor, workspaceArgs, type Workspace } from './helpers.ts';
+import { listFiles, makeWorkspace, runCli, waitFor, workspaceArgs, type Workspace, loud } from './helpers.ts';
 
 let tree: UpstreamTree;
 let server: FixtureServer;
 const treeDir = mkdtempSync(join(tmpdir(), 'corekube-upstream-'));
 const workspaces: Workspace[] = [];
 
-test.before(async () => {
+test.before(loud(async () => {
   tree = await buildUpstreamTree(treeDir, { qcow2SizeMiB: 64 });
   server = await startFixtureServer({ root: treeDir });
-});
+}));
 
 test.after(async () => {
   await server.close();

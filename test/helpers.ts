@@ -40,8 +40,17 @@ export interface Workspace {
   context(overrides?: Partial<RunSettings>, signal?: AbortSignal): RunContext;
 }
 
-export function makeWorkspace(tree: UpstreamTree, serverUrl: string, prefix = 'corekube-ws-'): Workspace {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
+export interface WorkspaceOptions {
+  /** mirrors.registries: upstream host -> location on the fixture registry (plain HTTP). */
+  registries?: Record<string, string>;
+  /** Lock images[] entries, as YAML flow values. */
+  images?: string[];
+  /** Extra cluster.yaml lines (top-level keys). */
+  extraConfig?: string[];
+}
+
+export function makeWorkspace(tree: UpstreamTree, serverUrl: string, options: WorkspaceOptions = {}): Workspace {
+  const dir = mkdtempSync(join(tmpdir(), 'corekube-ws-'));
   const configFile = join(dir, 'cluster.yaml');
   const lockFile = join(dir, 'corekube.lock.yaml');
   writeFileSync(join(dir, 'id.pub'), 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGNvcmVrdWJldGVzdGtleQ test@corekube\n');
@@ -57,10 +66,12 @@ export function makeWorkspace(tree: UpstreamTree, serverUrl: string, prefix = 'c
       `  fcos: ${serverUrl}${tree.prefixes.fcos}`,
       `  kubernetes: ${serverUrl}${tree.prefixes.kubernetes}`,
       `  github: ${serverUrl}${tree.prefixes.github}`,
+      ...(options.registries ? ['  registries:', ...Object.entries(options.registries).map(([host, location]) => `    ${host}: {location: "${location}", insecure: true}`)] : []),
+      ...(options.extraConfig ?? []),
       '',
     ].join('\n'),
   );
-  writeFileSync(lockFile, lockYaml(tree));
+  writeFileSync(lockFile, lockYaml(tree, options.images));
   const outDir = join(dir, 'out');
   const cacheDir = join(dir, 'cache');
   const settings = (overrides: Partial<RunSettings> = {}): RunSettings => ({
@@ -131,4 +142,16 @@ export async function waitFor(check: () => boolean, timeoutMs: number, what: str
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** Wraps a uvu before/after hook so that its error is printed: uvu fails the suite silently. */
+export function loud(hook: () => Promise<void> | void): () => Promise<void> {
+  return async () => {
+    try {
+      await hook();
+    } catch (error) {
+      console.error('hook failed:', error);
+      throw error;
+    }
+  };
 }

@@ -45,7 +45,7 @@ test('a valid lock parses into typed artifacts and images', () => {
   assert.is(storedSha256(lock.artifacts.kubeadm), a);
   assert.is(artifactFileName(lock.artifacts['fcos-qemu']), 'fedora-coreos-43.20260802.3.1-qemu.x86_64.qcow2');
   assert.is(artifactFileName(lock.artifacts.kubelet), 'kubelet');
-  assert.equal(lock.images[1], { name: '127.0.0.1:5000/corekube/app', tag: 'v1', digest: `sha256:${b}`, text: `127.0.0.1:5000/corekube/app:v1@sha256:${b}` });
+  assert.equal(lock.images[1], { name: '127.0.0.1:5000/corekube/app', tag: 'v1', digest: `sha256:${b}`, layoutDigest: `sha256:${b}`, text: `127.0.0.1:5000/corekube/app:v1@sha256:${b}` });
 });
 
 test('an .xz artifact without its uncompressed sha256 is refused', () => {

@@ -1,0 +1,338 @@
+// disk: the image disk every node mounts by label at boot. A staging tree (images/,
+// bin/, cni/, manifests/, scripts/, MANIFEST.json) becomes an ext4 filesystem labelled
+// "corekube" through `mkfs.ext4 -d`, without root, byte-identical for identical inputs,
+// and is read back (debugfs, no mount) against its MANIFEST.json before it is kept.
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { createReadStream, existsSync, readdirSync, readFileSync, statSync, type Stats } from 'node:fs';
+import { copyFile, link, mkdir, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { join, relative } from 'node:path';
+import { UserError } from './errors.ts';
+import { imagesOutput, manifestFileDigests, manifestsDir } from './images.ts';
+import { storedSha256, type ArtifactKey } from './lock.ts';
+import { sha256Of } from './oci.ts';
+import type { RunContext, Stage } from './stage.ts';
+import { runTool } from './tool.ts';
+
+export const diskOutput = 'image-disk.img';
+export const diskLabel = 'corekube';
+/** Every timestamp on the disk: a fixed instant, so equal inputs give equal bytes. */
+export const diskEpoch = 1_700_000_000;
+const blockSize = 4096;
+
+export interface ManifestEntry {
+  path: string; // relative to the disk root, like bin/kubelet
+  size: number;
+  sha256: string;
+  mode: number;
+}
+
+export interface DiskManifest {
+  label: string;
+  files: ManifestEntry[];
+}
+
+export const diskStage: Stage = {
+  name: 'disk',
+  title: 'Build the image disk',
+  summary: `writes out/${diskOutput} (ext4, label "${diskLabel}"): images, binaries, CNI plugins, manifests and boot scripts, reproducibly`,
+  needs: ['fetch', 'images'],
+  tools: ['mkfs.ext4', 'debugfs', 'resize2fs', 'tar'],
+  inputs(ctx) {
+    const inputs: Record<string, string> = { label: diskLabel, uuid: diskUuid(ctx.config.name), epoch: String(diskEpoch) };
+    for (const [file, digest] of Object.entries(manifestFileDigests(manifestsDir(ctx)))) inputs[`manifests/${file}`] = digest;
+    for (const [file, digest] of Object.entries(treeDigests(scriptsDir(ctx)))) inputs[`scripts/${file}`] = digest;
+    return inputs;
+  },
+  outputs() {
+    return [diskOutput];
+  },
+  async run(ctx, task) {
+    const { outDir } = ctx.settings;
+    const staging = join(outDir, `.disk-staging.${process.pid}`);
+    const image = join(outDir, `.${diskOutput}.${process.pid}`);
+    await rm(staging, { recursive: true, force: true });
+    try {
+      task.output = 'staging the tree';
+      const manifest = await stageTree(ctx, staging);
+      task.output = `mkfs.ext4: ${manifest.files.length} files, ${formatMiB(manifest.files.reduce((n, f) => n + f.size, 0))}`;
+      await makeFilesystem(staging, image, diskUuid(ctx.config.name), ctx.signal);
+      task.output = 'reading the disk back';
+      await verifyDisk(image, ctx.signal);
+      await rename(image, join(outDir, diskOutput));
+    } finally {
+      await rm(staging, { recursive: true, force: true });
+      await rm(image, { force: true });
+    }
+  },
+};
+
+export function scriptsDir(ctx: RunContext): string {
+  return join(ctx.settings.root, 'fcc', 'scripts');
+}
+
+/** A fixed filesystem UUID per cluster (RFC 4122 layout, from a hash of the name). */
+export function diskUuid(clusterName: string): string {
+  const hex = createHash('sha256').update(`corekube image disk ${clusterName}`).digest('hex');
+  const variant = ((parseInt(hex[16]!, 16) & 0x3) | 0x8).toString(16);
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-4${hex.slice(13, 16)}-${variant}${hex.slice(17, 20)}-${hex.slice(20, 32)}`;
+}
+
+function treeDigests(dir: string): Record<string, string> {
+  if (!existsSync(dir)) return {};
+  const files = (readdirSync(dir, { recursive: true }) as string[]).filter((f) => statSync(join(dir, f)).isFile()).sort();
+  return Object.fromEntries(files.map((f) => [f, sha256Of(readFileSync(join(dir, f)))]));
+}
+
+const plainBinaries: { key: ArtifactKey; name: string }[] = [
+  { key: 'kubeadm', name: 'kubeadm' },
+  { key: 'kubelet', name: 'kubelet' },
+  { key: 'kubectl', name: 'kubectl' },
+  { key: 'runc', name: 'runc' },
+];
+
+/** Lays out the disk's tree in `staging` (hardlinks where it can) and writes MANIFEST.json. */
+async function stageTree(ctx: RunContext, staging: string): Promise<DiskManifest> {
+  const { outDir } = ctx.settings;
+  const entry = (key: ArtifactKey) => {
+    const path = ctx.cache.entryPath(storedSha256(ctx.lock.artifacts[key]));
+    if (!existsSync(path)) throw new UserError(`${key} is not in the cache (${path}): run make fetch first`);
+    return path;
+  };
+  for (const dir of ['bin', 'cni', 'manifests', 'scripts']) await mkdir(join(staging, dir), { recursive: true });
+
+  const images = join(outDir, imagesOutput);
+  if (!existsSync(join(images, 'index.json'))) throw new UserError(`${images} has no image layout: run make images first`);
+  await linkTree(images, join(staging, 'images'));
+  for (const { key, name } of plainBinaries) await linkOrCopy(entry(key), join(staging, 'bin', name));
+  await runTool('tar', ['-xzf', entry('crictl'), '-C', join(staging, 'bin'), '--no-same-owner']);
+  // containerd's release tarball holds bin/containerd, bin/ctr, bin/containerd-shim-runc-v2…
+  await runTool('tar', ['-xzf', entry('containerd'), '-C', join(staging, 'bin'), '--no-same-owner', '--strip-components=1']);
+  await runTool('tar', ['-xzf', entry('cni-plugins'), '-C', join(staging, 'cni'), '--no-same-owner']);
+  if (existsSync(manifestsDir(ctx))) {
+    for (const file of Object.keys(manifestFileDigests(manifestsDir(ctx)))) await linkOrCopy(join(manifestsDir(ctx), file), join(staging, 'manifests', file));
+  }
+  if (existsSync(scriptsDir(ctx))) await linkTree(scriptsDir(ctx), join(staging, 'scripts'));
+
+  const manifest: DiskManifest = { label: diskLabel, files: await describeTree(staging) };
+  await writeFile(join(staging, 'MANIFEST.json'), `${JSON.stringify(manifest, null, 1)}\n`);
+  return manifest;
+}
+
+async function linkOrCopy(source: string, target: string): Promise<void> {
+  await mkdir(join(target, '..'), { recursive: true });
+  await link(source, target).catch(async (error: NodeJS.ErrnoException) => {
+    if (error.code !== 'EXDEV' && error.code !== 'EPERM' && error.code !== 'EMLINK') throw error;
+    await copyFile(source, target);
+  });
+}
+
+async function linkTree(source: string, target: string): Promise<void> {
+  await mkdir(target, { recursive: true });
+  for (const entry of await readdir(source, { withFileTypes: true })) {
+    const from = join(source, entry.name);
+    const to = join(target, entry.name);
+    if (entry.isDirectory()) await linkTree(from, to);
+    else if (entry.isFile()) await linkOrCopy(from, to);
+  }
+}
+
+/** The mode a path gets on the disk: executables under bin/ and wherever they were executable. */
+export function diskMode(path: string, info: Pick<Stats, 'mode' | 'isDirectory'>): number {
+  if (info.isDirectory()) return 0o755;
+  return path.startsWith('bin/') || path.startsWith('scripts/') || (info.mode & 0o111) !== 0 ? 0o755 : 0o644;
+}
+
+async function describeTree(root: string): Promise<ManifestEntry[]> {
+  const files: ManifestEntry[] = [];
+  const walk = async (dir: string) => {
+    for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
+      const full = join(dir, entry.name);
+      if (entry.isDirectory()) await walk(full);
+      else if (entry.isFile()) {
+        const path = relative(root, full);
+        const info = await stat(full);
+        files.push({ path, size: info.size, sha256: await hashFile(full), mode: diskMode(path, info) });
+      } else {
+        throw new UserError(`${full}: only files and directories can go on the image disk`);
+      }
+    }
+  };
+  await walk(root);
+  return files;
+}
+
+async function hashFile(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(file, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+function formatMiB(bytes: number): string {
+  return `${(bytes / (1 << 20)).toFixed(1)} MiB`;
+}
+
+/** Every path in the tree, directories included, as it will appear on the disk ("/…"). */
+async function allPaths(root: string): Promise<{ path: string; mode: number; dir: boolean }[]> {
+  const paths: { path: string; mode: number; dir: boolean }[] = [];
+  const walk = async (dir: string) => {
+    for (const entry of await readdir(dir, { withFileTypes: true })) {
+      const full = join(dir, entry.name);
+      const path = relative(root, full);
+      const info = await stat(full);
+      paths.push({ path: `/${path}`, mode: diskMode(path, info), dir: entry.isDirectory() });
+      if (entry.isDirectory()) await walk(full);
+    }
+  };
+  await walk(root);
+  return paths.sort((a, b) => (a.path < b.path ? -1 : 1));
+}
+
+/** debugfs wants times as YYYYMMDDHHMMSS. */
+function debugfsTime(epoch: number): string {
+  return new Date(epoch * 1000).toISOString().replace(/[-:T]/g, '').slice(0, 14);
+}
+
+/**
+ * mkfs.ext4 -d copies the tree; the fix-up pass then sets every inode's times, owner and
+ * mode (mkfs copies atime and ctime from the source, which cannot be set there), and
+ * resize2fs shrinks the filesystem to its content. All under a fake clock.
+ */
+export async function makeFilesystem(staging: string, image: string, uuid: string, signal?: AbortSignal): Promise<void> {
+  const paths = await allPaths(staging);
+  let dataBlocks = 0;
+  for (const { path, dir } of paths) if (!dir) dataBlocks += Math.ceil(statSync(join(staging, path)).size / blockSize) + 1;
+  const inodes = paths.length + 64;
+  // Generous at first (metadata, directories, extent blocks); resize2fs -M trims it.
+  const blocks = Math.ceil(dataBlocks * 1.1) + inodes + 4096;
+  const env = { E2FSPROGS_FAKE_TIME: String(diskEpoch) };
+  await rm(image, { force: true });
+  await runTool(
+    'mkfs.ext4',
+    [
+      '-q', '-F',
+      '-L', diskLabel,
+      '-U', uuid,
+      '-E', `hash_seed=${uuid},root_owner=0:0`,
+      '-b', String(blockSize),
+      '-N', String(inodes),
+      '-m', '0',
+      '-O', '^has_journal,^resize_inode',
+      '-d', staging,
+      image,
+      String(blocks),
+    ],
+    { env, signal },
+  );
+  const time = debugfsTime(diskEpoch);
+  const commands: string[] = [];
+  const fix = (path: string, mode: number, dir: boolean) => {
+    const quoted = `"${path}"`;
+    for (const field of ['atime', 'ctime', 'mtime', 'crtime']) commands.push(`sif ${quoted} ${field} ${time}`);
+    commands.push(`sif ${quoted} uid 0`, `sif ${quoted} gid 0`, `sif ${quoted} mode 0${((dir ? 0o040000 : 0o100000) | mode).toString(8)}`);
+  };
+  fix('/', 0o755, true);
+  fix('/lost+found', 0o700, true);
+  for (const { path, mode, dir } of paths) fix(path, mode, dir);
+  const commandFile = `${image}.debugfs`;
+  await writeFile(commandFile, `${commands.join('\n')}\n`);
+  try {
+    const output = await runTool('debugfs', ['-w', '-f', commandFile, image], { env, signal });
+    const complaint = output.split('\n').find((line) => line && !line.startsWith('debugfs:'));
+    if (complaint) throw new Error(`debugfs fix-up of ${image}: ${complaint}`);
+  } finally {
+    await rm(commandFile, { force: true });
+  }
+  await runTool('resize2fs', ['-M', image], { env, signal });
+}
+
+/**
+ * Reads the disk back without mounting: the label, MANIFEST.json, then every file it
+ * lists, streamed out of one debugfs and hashed on the way (no copy, one pass).
+ */
+export async function verifyDisk(image: string, signal?: AbortSignal): Promise<DiskManifest> {
+  const stats = await runTool('debugfs', ['-R', 'stats', image], { signal });
+  const label = /^Filesystem volume name:\s*(.*)$/m.exec(stats)?.[1]?.trim();
+  if (label !== diskLabel) throw new DiskError(image, `label "${diskLabel}"`, `label "${label ?? ''}"`);
+  const manifestText = await runTool('debugfs', ['-R', 'cat /MANIFEST.json', image], { signal });
+  let manifest: DiskManifest;
+  try {
+    manifest = JSON.parse(manifestText) as DiskManifest;
+  } catch {
+    throw new DiskError(image, 'a readable /MANIFEST.json', `${manifestText.length} bytes that are not JSON`);
+  }
+  const found = await hashFilesOnDisk(image, manifest.files, signal);
+  for (const file of manifest.files) {
+    const actual = found.get(file.path);
+    if (!actual) throw new DiskError(image, `/${file.path} (listed in MANIFEST.json)`, 'no such file');
+    if (actual.size !== file.size || actual.sha256 !== file.sha256) {
+      throw new DiskError(image, `/${file.path}: ${file.size} bytes, sha256 ${file.sha256}`, `${actual.size} bytes, sha256 ${actual.sha256}`);
+    }
+  }
+  return manifest;
+}
+
+export class DiskError extends UserError {
+  constructor(image: string, expected: string, found: string) {
+    super(`${image}: the image disk does not hold what it should\n  expected ${expected}\n  found    ${found}\nRebuild it: make disk FORCE=1`);
+  }
+}
+
+/** `debugfs -f` echoes each command as "debugfs: cat /path\n", then the file's bytes follow. */
+function hashFilesOnDisk(image: string, files: ManifestEntry[], signal?: AbortSignal): Promise<Map<string, { size: number; sha256: string }>> {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn('debugfs', ['-f', '-', image], { stdio: ['pipe', 'pipe', 'pipe'], signal });
+    const results = new Map<string, { size: number; sha256: string }>();
+    let current = 0;
+    let header = files.length > 0 ? Buffer.from(`debugfs: cat "/${files[0]!.path}"\n`) : Buffer.alloc(0);
+    let headerSeen = 0;
+    let remaining = files[0]?.size ?? 0;
+    let hash = createHash('sha256');
+    let size = 0;
+    let problem: string | undefined;
+    const finishFile = () => {
+      results.set(files[current]!.path, { size, sha256: hash.digest('hex') });
+      current++;
+      hash = createHash('sha256');
+      size = 0;
+      headerSeen = 0;
+      header = current < files.length ? Buffer.from(`debugfs: cat "/${files[current]!.path}"\n`) : Buffer.alloc(0);
+      remaining = files[current]?.size ?? 0;
+    };
+    child.stdout.on('data', (chunk: Buffer) => {
+      let offset = 0;
+      while (offset < chunk.length && current < files.length && !problem) {
+        if (headerSeen < header.length) {
+          const take = Math.min(header.length - headerSeen, chunk.length - offset);
+          if (!chunk.subarray(offset, offset + take).equals(header.subarray(headerSeen, headerSeen + take))) {
+            problem = `unexpected debugfs output before /${files[current]!.path}`;
+            break;
+          }
+          headerSeen += take;
+          offset += take;
+          if (headerSeen === header.length && remaining === 0) finishFile();
+          continue;
+        }
+        const take = Math.min(remaining, chunk.length - offset);
+        hash.update(chunk.subarray(offset, offset + take));
+        size += take;
+        remaining -= take;
+        offset += take;
+        if (remaining === 0) finishFile();
+      }
+      if (offset < chunk.length && !problem) problem = 'debugfs wrote more than the listed files hold';
+    });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (t: string) => (stderr += t));
+    child.on('error', reject);
+    child.on('close', (code) => {
+      const missing = stderr.split('\n').find((line) => /File not found|not found by ext2_lookup/.test(line));
+      if (missing) return reject(new DiskError(image, 'every file MANIFEST.json lists', missing.trim()));
+      if (problem) return reject(new DiskError(image, 'every file MANIFEST.json lists, with its size', problem));
+      if (code !== 0) return reject(new Error(`debugfs -f - ${image} exited with ${code}: ${stderr.trim()}`));
+      if (current < files.length) return reject(new DiskError(image, `/${files[current]!.path}: ${files[current]!.size} bytes`, `${size} bytes`));
+      resolvePromise(results);
+    });
+    child.stdin.end(files.map((f) => `cat "/${f.path}"\n`).join(''));
+  });
+}
