@@ -11,17 +11,22 @@ flag = $(if $(filter-out 0 false,$($(1))),$(2))
 CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only)
 
 # The stages, as in tasks/stages.ts.
-STAGES := fetch images disk
+STAGES := fetch images pki disk
 
-.PHONY: help cluster $(STAGES) deps test typecheck bench clean distclean
+.PHONY: help cluster $(STAGES) deps test typecheck bench clean clean-pki distclean
 
 help:
 	@echo "make cluster      build everything (the stages below, in order; fresh ones are skipped)"
 	@echo "make fetch        download FCOS and the Kubernetes binaries into cache/, verified"
+	@echo "make images       copy the pinned images by digest into one OCI layout (cache/oci, out/images)"
+	@echo "make pki          the cluster CA (made once, kept), bootstrap token, out/kubeconfig"
+	@echo "make disk         the image disk out/image-disk.img (ext4, label corekube), reproducible"
 	@echo "make deps         install the system tools the stages need (apt-get or dnf)"
 	@echo "make test         type-check and run the tests"
 	@echo "make bench        run the benchmarks in bench/"
-	@echo "make clean        remove out/ (keeps cache/); make distclean also removes cache/ and node_modules/"
+	@echo "make clean        remove out/ but the cluster CA (out/pki, out/kubeconfig); keeps cache/"
+	@echo "make clean-pki    remove the cluster CA too: the next build makes a new one"
+	@echo "make distclean    remove out/, cache/ and node_modules/"
 	@echo "variables: CONFIG=cluster.yaml LOCK=corekube.lock.yaml OFFLINE=1 DRY_RUN=1 FORCE=1 ONLY=1 JOBS=4"
 
 # A fresh clone installs its npm dependencies on first use, and again when the lock changes.
@@ -47,8 +52,12 @@ test: $(NPM_STAMP) typecheck
 bench: $(NPM_STAMP)
 	node bench/run.ts
 
+# The CA outlives a clean: nodes and the host kubeconfig trust it across rebuilds.
 clean:
-	rm -rf out
+	@if [ -d out ]; then find out -mindepth 1 -maxdepth 1 ! -name pki ! -name kubeconfig -exec rm -rf {} +; fi
 
-distclean: clean
-	rm -rf cache node_modules
+clean-pki:
+	rm -rf out/pki out/kubeconfig
+
+distclean:
+	rm -rf out cache node_modules

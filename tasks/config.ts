@@ -41,6 +41,8 @@ export interface ClusterConfig {
   kubernetes: { version: string };
   network: { nodeCidr: Cidr; podCidr: Cidr; serviceCidr: Cidr };
   nodes: NodeConfig[];
+  /** Ports on 127.0.0.1 forwarded into the VMs: the API server, and SSH from sshBase upwards (one per node, in order). */
+  hostPorts: { apiServer: number; sshBase: number };
   sshPublicKeyFile: string;
   sshPublicKey: string;
   mirrors: { downloads: Record<DownloadFamily, string>; registries: Record<string, RegistryMirror> };
@@ -84,6 +86,7 @@ export function parseConfig(file: string, text: string): ClusterConfig {
     'kubernetes',
     'network',
     'nodes',
+    'hostPorts',
     'sshPublicKeyFile',
     'mirrors',
   ]);
@@ -137,6 +140,13 @@ export function parseConfig(file: string, text: string): ClusterConfig {
 
   const nodes = parseNodes(r, root.nodes, nodeCidr);
 
+  const portsIn = root.hostPorts === undefined ? {} : r.object(root.hostPorts, 'hostPorts', ['apiServer', 'sshBase']);
+  const apiServerPort = r.integer(portsIn?.apiServer ?? 6443, 'hostPorts.apiServer', 1024, 65535);
+  const sshBase = r.integer(portsIn?.sshBase ?? 2222, 'hostPorts.sshBase', 1024, 65535 - Math.max(0, nodes.length - 1));
+  if (apiServerPort !== undefined && sshBase !== undefined && apiServerPort >= sshBase && apiServerPort < sshBase + nodes.length) {
+    r.problem('hostPorts.apiServer', `a port outside the SSH ports ${sshBase}-${sshBase + nodes.length - 1}`, String(apiServerPort));
+  }
+
   const keyPath = r.string(
     r.required(root, 'sshPublicKeyFile', '', 'the path of an SSH public key file'),
     'sshPublicKeyFile',
@@ -159,6 +169,7 @@ export function parseConfig(file: string, text: string): ClusterConfig {
     kubernetes: { version: versionText!.startsWith('v') ? versionText! : `v${versionText}` },
     network: { nodeCidr: nodeCidr!, podCidr: podCidr!, serviceCidr: serviceCidr! },
     nodes,
+    hostPorts: { apiServer: apiServerPort!, sshBase: sshBase! },
     sshPublicKeyFile,
     sshPublicKey,
     mirrors,

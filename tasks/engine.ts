@@ -130,7 +130,9 @@ async function decide(ctx: RunContext, stage: Stage): Promise<Verdict> {
   const [stamp, inputs] = await Promise.all([readStamp(ctx.settings, stage.name), stageInputs(ctx, stage)]);
   const identities: Record<string, string | undefined> = {};
   for (const path of stage.outputs(ctx)) identities[path] = await identity(join(ctx.settings.outDir, path));
-  return judge(stamp, inputs, identities, ctx.settings.force);
+  const verdict = judge(stamp, inputs, identities, ctx.settings.force);
+  const expiring = verdict.action === 'fresh' ? stage.expired?.(ctx, new Date()) : undefined;
+  return expiring ? { action: 'run', reasons: [expiring] } : verdict;
 }
 
 /** size:mtime:inode of a file, or of every file below a directory; undefined when missing. */

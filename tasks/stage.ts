@@ -64,6 +64,11 @@ export interface Stage {
   tools: readonly ToolName[];
   /** Everything that decides its outputs, as name → digest or exact value. */
   inputs(ctx: RunContext): Promise<Record<string, string>> | Record<string, string>;
+  /**
+   * For outputs that age (a certificate): why they must be re-made although no input
+   * changed, or undefined. Checked only when the stamp says fresh.
+   */
+  expired?(ctx: RunContext, now: Date): string | undefined;
   /** Files and directories it promises, relative to outDir. */
   outputs(ctx: RunContext): string[];
   /**

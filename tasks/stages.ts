@@ -3,6 +3,7 @@
 import { diskStage } from './disk.ts';
 import { fetchStage } from './fetch.ts';
 import { imagesStage } from './images.ts';
+import { pkiStage } from './pki.ts';
 import type { Stage } from './stage.ts';
 
-export const stages: readonly Stage[] = [fetchStage, imagesStage, diskStage];
+export const stages: readonly Stage[] = [fetchStage, imagesStage, pkiStage, diskStage];

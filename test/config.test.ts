@@ -55,6 +55,13 @@ test('a valid config parses into typed values with defaults', () => {
   assert.is(config.mirrors.downloads.kubernetes, 'https://dl.k8s.io');
 });
 
+test('host ports: defaults, and the API port may not collide with the SSH ports', () => {
+  assert.equal(parseConfig(configFile, valid).hostPorts, { apiServer: 6443, sshBase: 2222 });
+  assert.equal(parseConfig(configFile, `${valid}hostPorts: {apiServer: 7443, sshBase: 3000}\n`).hostPorts, { apiServer: 7443, sshBase: 3000 });
+  assert.match(problemAt(`${valid}hostPorts: {apiServer: 2223}\n`, 'hostPorts.apiServer').expected, /outside the SSH ports 2222-2223/);
+  assert.match(problemAt(`${valid}hostPorts: {sshBase: 80}\n`, 'hostPorts.sshBase').expected, /from 1024 to/);
+});
+
 test('the example config parses (with a key file substituted)', async () => {
   const { readFileSync } = await import('node:fs');
   const example = readFileSync(join(import.meta.dirname, '..', 'cluster.example.yaml'), 'utf8').replace(

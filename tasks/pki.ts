@@ -1,0 +1,199 @@
+// pki: the cluster CA (made once, kept in out/pki across rebuilds), a bootstrap token and
+// the CA public-key hash for `kubeadm join`, and out/kubeconfig for the host: a client
+// certificate for a group that kubeadm binds to cluster-admin. Keys are made by the
+// openssl CLI (no crypto of our own); Node only reads certificates back.
+//
+// Only the CA is long-lived: kubeadm makes every serving and client certificate of the
+// cluster at boot, and every boot is a first boot, so no node meets an expired leaf.
+import { createHash, createPublicKey, randomInt, X509Certificate } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
+import { chmod, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { stringify } from 'yaml';
+import { UserError } from './errors.ts';
+import type { RunContext, Stage } from './stage.ts';
+import { runTool } from './tool.ts';
+
+export const pkiDir = 'pki';
+export const kubeconfigOutput = 'kubeconfig';
+export const caValidityDays = 3650;
+export const adminValidityDays = 365;
+/** The admin certificate is re-made when it has less than this left. */
+export const adminRenewDays = 30;
+/** kubeadm (1.29+) binds this group to cluster-admin (ClusterRoleBinding kubeadm:cluster-admins), unlike system:masters it goes through RBAC. */
+export const adminGroup = 'kubeadm:cluster-admins';
+export const adminUser = 'corekube-admin';
+
+const files = {
+  caCert: 'ca.crt',
+  caKey: 'ca.key',
+  adminCert: 'admin.crt',
+  adminKey: 'admin.key',
+  token: 'bootstrap-token',
+  caHash: 'ca-cert-hash',
+} as const;
+
+export const pkiStage: Stage = {
+  name: 'pki',
+  title: 'Make the cluster CA, bootstrap token and host kubeconfig',
+  summary: 'makes the cluster CA once (kept in out/pki), a bootstrap token, the CA hash for joins, and out/kubeconfig for the host',
+  needs: [],
+  tools: ['openssl'],
+  inputs(ctx) {
+    return {
+      cluster: ctx.config.name,
+      server: apiServerUrl(ctx),
+    };
+  },
+  expired(ctx, now) {
+    const state = adminCertificateState(join(ctx.settings.outDir, pkiDir), now);
+    if (state === 'expiring') return `the admin certificate in out/${pkiDir} expires within ${adminRenewDays} days`;
+    if (state === 'foreign') return `the admin certificate in out/${pkiDir} was not issued by the cluster CA`;
+    return undefined;
+  },
+  outputs() {
+    return [...Object.values(files).map((f) => join(pkiDir, f)), kubeconfigOutput];
+  },
+  async run(ctx) {
+    const dir = join(ctx.settings.outDir, pkiDir);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    await chmod(dir, 0o700);
+    const signal = ctx.signal;
+    if (!existsSync(join(dir, files.caCert)) || !existsSync(join(dir, files.caKey))) {
+      await makeCa(dir, ctx.config.name, signal);
+    }
+    checkCaPair(dir);
+    if (adminCertificateState(dir, new Date()) !== 'valid') await makeAdminCertificate(dir, signal);
+    if (!existsSync(join(dir, files.token))) await writeSecret(join(dir, files.token), `${bootstrapToken()}\n`);
+    const caPem = readFileSync(join(dir, files.caCert), 'utf8');
+    await writeFile(join(dir, files.caHash), `${caCertHash(caPem)}\n`);
+    const kubeconfig = renderKubeconfig({
+      cluster: ctx.config.name,
+      server: apiServerUrl(ctx),
+      caPem,
+      certPem: readFileSync(join(dir, files.adminCert), 'utf8'),
+      keyPem: readFileSync(join(dir, files.adminKey), 'utf8'),
+    });
+    await writeSecret(join(ctx.settings.outDir, kubeconfigOutput), kubeconfig);
+  },
+};
+
+export function apiServerUrl(ctx: RunContext): string {
+  return `https://127.0.0.1:${ctx.config.hostPorts.apiServer}`;
+}
+
+/** A secret lands whole and 0600, or not at all. */
+export async function writeSecret(file: string, content: string): Promise<void> {
+  const tmp = `${file}.tmp-${process.pid}`;
+  await writeFile(tmp, content, { mode: 0o600 });
+  await chmod(tmp, 0o600);
+  await rename(tmp, file);
+}
+
+/** kubeadm's token format: [a-z0-9]{6}.[a-z0-9]{16}. */
+export function bootstrapToken(): string {
+  const alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789';
+  const pick = (n: number) => Array.from({ length: n }, () => alphabet[randomInt(alphabet.length)]).join('');
+  return `${pick(6)}.${pick(16)}`;
+}
+
+/** `--discovery-token-ca-cert-hash`: sha256 of the CA certificate's SubjectPublicKeyInfo (DER). */
+export function caCertHash(caPem: string): string {
+  const spki = new X509Certificate(caPem).publicKey.export({ type: 'spki', format: 'der' });
+  return `sha256:${createHash('sha256').update(spki).digest('hex')}`;
+}
+
+export function adminCertificateState(dir: string, now: Date): 'valid' | 'missing' | 'expiring' | 'foreign' {
+  try {
+    const cert = new X509Certificate(readFileSync(join(dir, files.adminCert)));
+    const ca = new X509Certificate(readFileSync(join(dir, files.caCert)));
+    if (!existsSync(join(dir, files.adminKey))) return 'missing';
+    if (!cert.checkIssued(ca) || !cert.verify(ca.publicKey)) return 'foreign';
+    return new Date(cert.validTo).getTime() - now.getTime() < adminRenewDays * 86_400_000 ? 'expiring' : 'valid';
+  } catch {
+    return 'missing';
+  }
+}
+
+function checkCaPair(dir: string): void {
+  const cert = new X509Certificate(readFileSync(join(dir, files.caCert)));
+  const key = createPublicKey(readFileSync(join(dir, files.caKey)));
+  const certKey = cert.publicKey.export({ type: 'spki', format: 'der' });
+  if (!certKey.equals(key.export({ type: 'spki', format: 'der' }))) {
+    throw new UserError(
+      `${join(dir, files.caKey)} is not the key of ${join(dir, files.caCert)}: the CA is broken.\n` +
+        'Make a new one with: make clean-pki (every node gets it at its next boot; fetch a new out/kubeconfig too).',
+    );
+  }
+  if (!cert.ca) throw new UserError(`${join(dir, files.caCert)} is not a CA certificate (basicConstraints CA:TRUE). Make a new one with: make clean-pki`);
+}
+
+async function makeCa(dir: string, cluster: string, signal: AbortSignal): Promise<void> {
+  const work = await mkdtemp(join(dir, '.ca-'));
+  try {
+    await runTool(
+      'openssl',
+      [
+        'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-sha256',
+        '-keyout', join(work, files.caKey),
+        '-out', join(work, files.caCert),
+        '-days', String(caValidityDays),
+        '-subj', `/CN=${cluster}-ca`,
+        '-addext', 'basicConstraints=critical,CA:TRUE',
+        '-addext', 'keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign',
+      ],
+      { signal },
+    );
+    await chmod(join(work, files.caKey), 0o600);
+    // The key first: a certificate without its key is never left behind.
+    await rename(join(work, files.caKey), join(dir, files.caKey));
+    await rename(join(work, files.caCert), join(dir, files.caCert));
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+async function makeAdminCertificate(dir: string, signal: AbortSignal): Promise<void> {
+  const work = await mkdtemp(join(dir, '.admin-'));
+  try {
+    const key = join(work, files.adminKey);
+    const request = join(work, 'admin.csr');
+    const extensions = join(work, 'ext.cnf');
+    await runTool('openssl', ['req', '-new', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', request, '-subj', `/O=${adminGroup}/CN=${adminUser}`], { signal });
+    await writeFile(extensions, 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n');
+    await runTool(
+      'openssl',
+      [
+        'x509', '-req', '-sha256', '-in', request,
+        '-CA', join(dir, files.caCert), '-CAkey', join(dir, files.caKey), '-CAcreateserial', '-CAserial', join(work, 'ca.srl'),
+        '-days', String(adminValidityDays), '-extfile', extensions, '-out', join(work, files.adminCert),
+      ],
+      { signal },
+    );
+    await chmod(key, 0o600);
+    await rename(key, join(dir, files.adminKey));
+    await rename(join(work, files.adminCert), join(dir, files.adminCert));
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+export function renderKubeconfig(options: { cluster: string; server: string; caPem: string; certPem: string; keyPem: string }): string {
+  const b64 = (text: string) => Buffer.from(text).toString('base64');
+  const context = `${adminUser}@${options.cluster}`;
+  return stringify({
+    apiVersion: 'v1',
+    kind: 'Config',
+    clusters: [{ name: options.cluster, cluster: { server: options.server, 'certificate-authority-data': b64(options.caPem) } }],
+    users: [{ name: adminUser, user: { 'client-certificate-data': b64(options.certPem), 'client-key-data': b64(options.keyPem) } }],
+    contexts: [{ name: context, context: { cluster: options.cluster, user: adminUser } }],
+    'current-context': context,
+  }, { lineWidth: 0 });
+}
+
+/** What the ignition stage needs from the PKI, read back from out/pki. */
+export function readPki(outDir: string): { caCertPem: string; caKeyPem: string; token: string; caHash: string } {
+  const dir = join(outDir, pkiDir);
+  const read = (name: string) => readFileSync(join(dir, name), 'utf8');
+  return { caCertPem: read(files.caCert), caKeyPem: read(files.caKey), token: read(files.token).trim(), caHash: read(files.caHash).trim() };
+}
