@@ -11,7 +11,7 @@ flag = $(if $(filter-out 0 false,$($(1))),$(2))
 CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only)
 
 # The stages, as in tasks/stages.ts.
-STAGES := fetch images pki disk
+STAGES := fetch images pki disk ignition
 
 .PHONY: help cluster $(STAGES) deps test typecheck bench clean clean-pki distclean
 
@@ -21,6 +21,7 @@ help:
 	@echo "make images       copy the pinned images by digest into one OCI layout (cache/oci, out/images)"
 	@echo "make pki          the cluster CA (made once, kept), bootstrap token, out/kubeconfig"
 	@echo "make disk         the image disk out/image-disk.img (ext4, label corekube), reproducible"
+	@echo "make ignition     per-node files and Ignition configs out/ignition/NODE.ign from fcc/"
 	@echo "make deps         install the system tools the stages need (apt-get or dnf)"
 	@echo "make test         type-check and run the tests"
 	@echo "make bench        run the benchmarks in bench/"

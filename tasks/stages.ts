@@ -2,8 +2,9 @@
 // all come from here: adding a stage is one file and one line.
 import { diskStage } from './disk.ts';
 import { fetchStage } from './fetch.ts';
+import { ignitionStage } from './ignition.ts';
 import { imagesStage } from './images.ts';
 import { pkiStage } from './pki.ts';
 import type { Stage } from './stage.ts';
 
-export const stages: readonly Stage[] = [fetchStage, imagesStage, pkiStage, diskStage];
+export const stages: readonly Stage[] = [fetchStage, imagesStage, pkiStage, diskStage, ignitionStage];

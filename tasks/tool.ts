@@ -31,11 +31,13 @@ export interface ToolOptions {
   input?: string | Buffer;
   env?: Record<string, string>;
   cwd?: string;
+  /** The executable, where it is not `tool` found on PATH. */
+  binary?: string;
 }
 
 /** Runs `tool args…` and returns its stdout; throws ToolError with its stderr on failure. */
-export async function runTool(tool: ToolName | 'ctr' | 'cp', args: readonly string[], options: ToolOptions = {}): Promise<string> {
-  const binary = findOnPath(tool) ?? tool;
+export async function runTool(tool: ToolName | 'cp' | 'butane' | 'ignition-validate', args: readonly string[], options: ToolOptions = {}): Promise<string> {
+  const binary = options.binary ?? findOnPath(tool) ?? tool;
   const shell = $({
     quiet: true,
     ...(options.signal ? { signal: options.signal } : {}),

@@ -11,15 +11,14 @@ import * as assert from 'uvu/assert';
 import { diskLabel, diskStage, verifyDisk, type DiskManifest } from '../tasks/disk.ts';
 import { runStages } from '../tasks/engine.ts';
 import { fetchStage } from '../tasks/fetch.ts';
-import { imagesStage, kubeadmImages } from '../tasks/images.ts';
+import { imagesStage } from '../tasks/images.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { makeWorkspace, type Workspace, loud } from './helpers.ts';
+import { fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-disk-'));
 const version = 'v1.35.7';
-const tags: Record<string, string> = { 'registry.k8s.io/etcd': '3.6.8-0', 'registry.k8s.io/coredns/coredns': 'v1.12.1', 'registry.k8s.io/pause': '3.10.1' };
 let tree: UpstreamTree;
 let server: FixtureServer;
 let registry: RegistryFixture;
@@ -29,7 +28,7 @@ test.before(loud(async () => {
   tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
   server = await startFixtureServer({ root: join(work, 'upstream') });
   registry = await startRegistry({
-    images: kubeadmImages(version).map(({ name, tag }) => ({ name, tag: tag ?? tags[name]! })),
+    images: projectImages(version),
     work,
   });
 }));
@@ -43,7 +42,7 @@ test.after(async () => {
 
 function workspace(): Workspace {
   const ws = makeWorkspace(tree, server.url, {
-    registries: { 'registry.k8s.io': `${registry.host}/registry.k8s.io` },
+    registries: fixtureMirrors(registry.host),
     images: registry.images.map((i) => `${i.name}:${i.tag}@${i.digest}`),
   });
   workspaces.push(ws);

@@ -5,7 +5,9 @@ import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { kubeadmImages, readManifestImages } from '../tasks/images.ts';
 import { artifactKeys } from '../tasks/lock.ts';
+import { parseReference } from '../tasks/oci.ts';
 import { RunContext, type RunSettings } from '../tasks/stage.ts';
 import type { UpstreamTree } from './fixtures/upstream.ts';
 
@@ -45,6 +47,8 @@ export interface WorkspaceOptions {
   registries?: Record<string, string>;
   /** Lock images[] entries, as YAML flow values. */
   images?: string[];
+  /** nodes: entries as YAML flow mappings (default: one control plane, cp1). */
+  nodes?: string[];
   /** Extra cluster.yaml lines (top-level keys). */
   extraConfig?: string[];
 }
@@ -60,7 +64,7 @@ export function makeWorkspace(tree: UpstreamTree, serverUrl: string, options: Wo
       'name: test',
       `kubernetes: {version: ${tree.kubernetesVersion}}`,
       'nodes:',
-      '  - {name: cp1, role: control-plane, ip: 10.77.0.10}',
+      ...(options.nodes ?? ['{name: cp1, role: control-plane, ip: 10.77.0.10}']).map((node) => `  - ${node}`),
       'sshPublicKeyFile: id.pub',
       'mirrors:',
       `  fcos: ${serverUrl}${tree.prefixes.fcos}`,
@@ -154,4 +158,22 @@ export function loud(hook: () => Promise<void> | void): () => Promise<void> {
       throw error;
     }
   };
+}
+
+/** Tags for the kubeadm images that follow their own versions (a real lock has what pin found). */
+export const kubeadmTags: Record<string, string> = { 'registry.k8s.io/etcd': '3.6.8-0', 'registry.k8s.io/coredns/coredns': 'v1.12.1', 'registry.k8s.io/pause': '3.10.1' };
+
+/** What the fixture registry must hold for a lock that covers the project: the kubeadm set and every image in manifests/. */
+export function projectImages(version: string): { name: string; tag: string }[] {
+  const fromManifests = readManifestImages(join(projectRoot, 'manifests')).map(({ image }) => parseReference(image)!);
+  const all = [
+    ...kubeadmImages(version).map(({ name, tag }) => ({ name, tag: tag ?? kubeadmTags[name]! })),
+    ...fromManifests.map((ref) => ({ name: ref.name, tag: ref.tag ?? 'latest' })),
+  ];
+  return all.filter((image, i) => all.findIndex((other) => other.name === image.name && other.tag === image.tag) === i);
+}
+
+/** mirrors.registries pointing every upstream registry at its path on the fixture registry. */
+export function fixtureMirrors(registryHost: string): Record<string, string> {
+  return Object.fromEntries(['registry.k8s.io', 'docker.io', 'ghcr.io', 'quay.io'].map((host) => [host, `${registryHost}/${host}`]));
 }

@@ -15,12 +15,12 @@ import { findRef, readIndex, refOf } from '../tasks/oci.ts';
 import { startContainerd, type ContainerdFixture } from './fixtures/containerd.ts';
 import { startRegistry, type RegistryFixture, type SeededImage } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { makeWorkspace, type Workspace, type WorkspaceOptions, loud } from './helpers.ts';
+import { fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-images-'));
 const version = 'v1.35.7';
 const wanted = [
-  ...kubeadmImages(version).map(({ name, tag }) => ({ name, tag: tag ?? { 'registry.k8s.io/etcd': '3.6.8-0', 'registry.k8s.io/coredns/coredns': 'v1.12.1', 'registry.k8s.io/pause': '3.10.1' }[name]! })),
+  ...projectImages(version),
   { name: 'docker.io/flannel/flannel', tag: 'v0.27.0', multiArch: true },
   { name: 'docker.io/library/busybox', tag: '1.37' },
 ];
@@ -49,7 +49,7 @@ export function lockEntry(image: SeededImage, overrides: { digest?: string; layo
 
 function workspace(options: WorkspaceOptions = {}): Workspace {
   const ws = makeWorkspace(tree, 'http://127.0.0.1:9', {
-    registries: { 'registry.k8s.io': `${registry.host}/registry.k8s.io`, 'docker.io': `${registry.host}/docker.io` },
+    registries: fixtureMirrors(registry.host),
     images: registry.images.map((image) => lockEntry(image)),
     ...options,
   });

@@ -1,0 +1,34 @@
+#!/bin/bash
+# corekube-install.service: puts the pinned binaries from the image disk where the
+# units expect them. /usr/local and /opt are writable on FCOS; every boot starts from
+# a fresh root (-snapshot), so this runs at every boot and is idempotent.
+set -euo pipefail
+
+disk=${COREKUBE_DISK:-/var/mnt/corekube}
+root=${COREKUBE_ROOT:-}   # a scratch root in tests; empty on a node
+
+bin="$root/usr/local/bin"
+cni="$root/opt/cni/bin"
+mkdir -p "$bin" "$cni"
+
+for tool in kubeadm kubelet kubectl crictl runc containerd containerd-shim-runc-v2 ctr; do
+  if [ ! -f "$disk/bin/$tool" ]; then
+    echo "corekube: $disk/bin/$tool is missing from the image disk (rebuild it: make disk)" >&2
+    exit 1
+  fi
+  install -m 0755 "$disk/bin/$tool" "$bin/$tool"
+done
+# Other containerd helpers the release tarball may carry (containerd-stress…).
+for extra in "$disk"/bin/containerd-*; do
+  [ -f "$extra" ] && install -m 0755 "$extra" "$bin/$(basename "$extra")"
+done
+for plugin in "$disk"/cni/*; do
+  [ -f "$plugin" ] && [ -x "$plugin" ] && install -m 0755 "$plugin" "$cni/$(basename "$plugin")"
+done
+
+# SELinux: give the copies the labels the policy has for these paths (on FCOS,
+# enforcing); a no-op where SELinux is off or restorecon is absent.
+if [ -z "$root" ] && command -v restorecon >/dev/null 2>&1; then
+  restorecon -R /usr/local/bin /opt/cni/bin || true
+fi
+echo "corekube: installed $(find "$bin" -type f | wc -l) binaries and $(find "$cni" -type f | wc -l) CNI plugins"

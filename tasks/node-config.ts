@@ -1,0 +1,328 @@
+// What each node is, rendered from cluster.yaml, the lock and the PKI as structured
+// values, then serialized (YAML, TOML, keyfiles): the per-node files the Butane configs
+// in fcc/ pull in with `contents.local`. Pure: no file system, no tools.
+import { createHash } from 'node:crypto';
+import { parseAllDocuments, stringify } from 'yaml';
+import type { ClusterConfig, NodeConfig } from './config.ts';
+import { InputError } from './errors.ts';
+import type { Lock } from './lock.ts';
+import { cidrSize, formatIPv4, parseIPv4 } from './net.ts';
+import { stringifyToml, type TomlTable } from './toml.ts';
+
+/** Where things are on a node; the units and scripts in fcc/ use the same paths. */
+export const nodePaths = {
+  disk: '/var/mnt/corekube',
+  kubeadmConfig: '/etc/corekube/kubeadm.yaml',
+  containerdConfig: '/etc/corekube/containerd.toml',
+  clusterManifests: '/etc/corekube/manifests',
+  admissionDir: '/etc/kubernetes/admission',
+  criSocket: 'unix:///run/containerd/containerd.sock',
+} as const;
+
+export const apiServerPort = 6443;
+
+export interface NodeFile {
+  name: string; // file name under out/files/NODE/
+  content: string;
+  secret?: boolean; // written 0600
+}
+
+/** Stable MAC addresses from the names (QEMU's 52:54:00 prefix): one per NIC. */
+export function macAddress(cluster: string, node: string, nic: 'cluster' | 'user'): string {
+  const hash = createHash('sha256').update(`${cluster}/${node}/${nic}`).digest();
+  return ['52', '54', '00', ...[0, 1, 2].map((i) => hash[i]!.toString(16).padStart(2, '0'))].join(':');
+}
+
+export function controlPlane(config: ClusterConfig): NodeConfig {
+  return config.nodes.find((n) => n.role === 'control-plane')!;
+}
+
+/**
+ * The default route goes over the cluster NIC, so that kubeadm, the kubelet and flannel
+ * all pick the cluster address (the user-mode NIC has the same 10.0.2.15 on every VM).
+ * Its gateway need not exist: offline, nothing leaves the cluster anyway.
+ */
+export function clusterGateway(config: ClusterConfig): string {
+  const { nodeCidr } = config.network;
+  const used = new Set(config.nodes.map((n) => parseIPv4(n.ip)));
+  const first = nodeCidr.network + 1;
+  const last = nodeCidr.network + cidrSize(nodeCidr) - 2;
+  return formatIPv4(used.has(first) ? last : first);
+}
+
+export function renderHosts(config: ClusterConfig): string {
+  const lines = ['127.0.0.1   localhost localhost.localdomain', '::1         localhost localhost.localdomain'];
+  for (const node of config.nodes) lines.push(`${node.ip.padEnd(11)} ${node.name} ${node.name}.${config.name}.internal`);
+  return `${lines.join('\n')}\n`;
+}
+
+/** NetworkManager keyfiles: the cluster NIC static (with the default route), the user NIC DHCP without one. */
+export function renderNetwork(config: ClusterConfig, node: NodeConfig): { cluster: string; user: string } {
+  const cluster = [
+    '[connection]', 'id=corekube-cluster', 'type=ethernet', 'autoconnect=true', 'autoconnect-priority=100', '',
+    '[ethernet]', `mac-address=${macAddress(config.name, node.name, 'cluster').toUpperCase()}`, '',
+    '[ipv4]', 'method=manual', `address1=${node.ip}/${config.network.nodeCidr.prefix},${clusterGateway(config)}`,
+    `dns=${controlPlane(config).ip};`, 'dns-search=', 'may-fail=false', '',
+    '[ipv6]', 'method=disabled', '',
+  ];
+  const user = [
+    '[connection]', 'id=corekube-host', 'type=ethernet', 'autoconnect=true', '',
+    '[ethernet]', `mac-address=${macAddress(config.name, node.name, 'user').toUpperCase()}`, '',
+    '[ipv4]', 'method=auto', 'never-default=true', 'ignore-auto-dns=true', '',
+    '[ipv6]', 'method=disabled', '',
+  ];
+  return { cluster: cluster.join('\n'), user: user.join('\n') };
+}
+
+/** The pause image the kubelet and containerd must agree on: the lock's, never a pull. */
+export function sandboxImage(lock: Lock): string {
+  const pause = lock.images.find((i) => i.name === 'registry.k8s.io/pause');
+  if (!pause) throw new Error('the lock has no registry.k8s.io/pause image (the images stage checks this)');
+  return `${pause.name}:${pause.tag}`;
+}
+
+export function containerdMajor(lock: Lock): number {
+  const match = /containerd-(\d+)\.\d+\.\d+/.exec(lock.artifacts.containerd.url);
+  return match ? Number(match[1]) : 2;
+}
+
+/**
+ * containerd's whole config (never a packaged default): systemd cgroups, our runc, the
+ * sandbox image from the layout, CNI from /opt/cni/bin. Config version 3 for
+ * containerd 2.x, version 2 for 1.x.
+ */
+export function renderContainerdConfig(lock: Lock): string {
+  const runcOptions = { BinaryName: '/usr/local/bin/runc', SystemdCgroup: true };
+  const cni = { bin_dir: '/opt/cni/bin', conf_dir: '/etc/cni/net.d' };
+  let config: TomlTable;
+  if (containerdMajor(lock) >= 2) {
+    config = {
+      version: 3,
+      root: '/var/lib/containerd',
+      state: '/run/containerd',
+      grpc: { address: '/run/containerd/containerd.sock' },
+      plugins: {
+        'io.containerd.cri.v1.images': {
+          snapshotter: 'overlayfs',
+          // Offline: every image comes from the image disk, none is ever pulled.
+          pinned_images: { sandbox: sandboxImage(lock) },
+        },
+        'io.containerd.cri.v1.runtime': {
+          enable_selinux: true,
+          // containerd 2 takes a list of plugin directories (bin_dir is deprecated).
+          cni: { bin_dirs: [cni.bin_dir], conf_dir: cni.conf_dir },
+          containerd: {
+            default_runtime_name: 'runc',
+            runtimes: { runc: { runtime_type: 'io.containerd.runc.v2', options: runcOptions } },
+          },
+        },
+      },
+    };
+  } else {
+    config = {
+      version: 2,
+      root: '/var/lib/containerd',
+      state: '/run/containerd',
+      grpc: { address: '/run/containerd/containerd.sock' },
+      plugins: {
+        'io.containerd.grpc.v1.cri': {
+          sandbox_image: sandboxImage(lock),
+          enable_selinux: true,
+          cni,
+          containerd: {
+            snapshotter: 'overlayfs',
+            default_runtime_name: 'runc',
+            runtimes: { runc: { runtime_type: 'io.containerd.runc.v2', options: runcOptions } },
+          },
+        },
+      },
+    };
+  }
+  return `# corekube: the whole containerd configuration (generated from cluster.yaml and the lock)\n${stringifyToml(config)}`;
+}
+
+export function renderPodSecurityAdmission(): string {
+  return stringify({
+    apiVersion: 'apiserver.config.k8s.io/v1',
+    kind: 'AdmissionConfiguration',
+    plugins: [
+      {
+        name: 'PodSecurity',
+        configuration: {
+          apiVersion: 'pod-security.admission.config.k8s.io/v1',
+          kind: 'PodSecurityConfiguration',
+          defaults: {
+            enforce: 'baseline', 'enforce-version': 'latest',
+            audit: 'restricted', 'audit-version': 'latest',
+            warn: 'restricted', 'warn-version': 'latest',
+          },
+          exemptions: { usernames: [], runtimeClasses: [], namespaces: ['kube-system'] },
+        },
+      },
+    ],
+  });
+}
+
+/** flannel's ConfigMap, with the pod network from cluster.yaml (manifests/10-flannel.yaml mounts it). */
+export function renderFlannelConfig(config: ClusterConfig): string {
+  const cniConf = {
+    name: 'cbr0',
+    cniVersion: '0.3.1',
+    plugins: [
+      { type: 'flannel', delegate: { hairpinMode: true, isDefaultGateway: true } },
+      { type: 'portmap', capabilities: { portMappings: true } },
+    ],
+  };
+  const netConf = { Network: config.network.podCidr.text, EnableNFTables: false, Backend: { Type: 'vxlan' } };
+  return stringify({
+    apiVersion: 'v1',
+    kind: 'ConfigMap',
+    metadata: { name: 'kube-flannel-cfg', namespace: 'kube-flannel', labels: { app: 'flannel', 'k8s-app': 'flannel', tier: 'node' } },
+    data: { 'cni-conf.json': `${JSON.stringify(cniConf, null, 2)}\n`, 'net-conf.json': `${JSON.stringify(netConf, null, 2)}\n` },
+  });
+}
+
+export interface KubeadmInputs {
+  token: string;
+  caHash: string;
+}
+
+type Doc = Record<string, unknown>;
+
+/** kubeadm's configuration for a node (v1beta4, Kubernetes 1.31 and later), as documents. */
+export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeConfig, pki: KubeadmInputs): Doc[] {
+  const cp = controlPlane(config);
+  const endpoint = `${cp.ip}:${apiServerPort}`;
+  const workers = config.nodes.some((n) => n.role === 'worker');
+  const nodeRegistration = {
+    name: node.name,
+    criSocket: nodePaths.criSocket,
+    kubeletExtraArgs: [{ name: 'node-ip', value: node.ip }],
+    // Offline: an image missing from the node is an error, never a pull.
+    imagePullPolicy: 'Never',
+    ...(node.role === 'control-plane' && !workers ? { taints: [] } : {}),
+  };
+  const kubelet: Doc = {
+    apiVersion: 'kubelet.config.k8s.io/v1beta1',
+    kind: 'KubeletConfiguration',
+    cgroupDriver: 'systemd',
+    containerRuntimeEndpoint: nodePaths.criSocket,
+    authentication: { anonymous: { enabled: false }, webhook: { enabled: true }, x509: { clientCAFile: '/etc/kubernetes/pki/ca.crt' } },
+    authorization: { mode: 'Webhook' },
+    // Images are labelled pinned at import; garbage collection skips them.
+    imageGCHighThresholdPercent: 85,
+    imageGCLowThresholdPercent: 80,
+  };
+  if (node.role === 'worker') {
+    return [
+      {
+        apiVersion: 'kubeadm.k8s.io/v1beta4',
+        kind: 'JoinConfiguration',
+        discovery: { bootstrapToken: { apiServerEndpoint: endpoint, token: pki.token, caCertHashes: [pki.caHash] } },
+        nodeRegistration,
+      },
+      kubelet,
+    ];
+  }
+  return [
+    {
+      apiVersion: 'kubeadm.k8s.io/v1beta4',
+      kind: 'InitConfiguration',
+      bootstrapTokens: [
+        { token: pki.token, ttl: '24h0m0s', usages: ['signing', 'authentication'], groups: ['system:bootstrappers:kubeadm:default-node-token'] },
+      ],
+      localAPIEndpoint: { advertiseAddress: node.ip, bindPort: apiServerPort },
+      nodeRegistration,
+    },
+    {
+      apiVersion: 'kubeadm.k8s.io/v1beta4',
+      kind: 'ClusterConfiguration',
+      clusterName: config.name,
+      kubernetesVersion: lock.kubernetes.version,
+      controlPlaneEndpoint: endpoint,
+      certificatesDir: '/etc/kubernetes/pki',
+      imageRepository: 'registry.k8s.io',
+      networking: { podSubnet: config.network.podCidr.text, serviceSubnet: config.network.serviceCidr.text, dnsDomain: 'cluster.local' },
+      apiServer: {
+        certSANs: ['127.0.0.1', 'localhost', cp.ip, cp.name],
+        extraArgs: [{ name: 'admission-control-config-file', value: `${nodePaths.admissionDir}/pod-security.yaml` }],
+        extraVolumes: [{ name: 'admission', hostPath: nodePaths.admissionDir, mountPath: nodePaths.admissionDir, readOnly: true, pathType: 'Directory' }],
+      },
+    },
+    kubelet,
+  ];
+}
+
+/** Settings that cluster.yaml owns: an override in fcc/kubeadm.yaml may not say otherwise. */
+function ownedSettings(config: ClusterConfig, lock: Lock): { kind: string; path: string[]; value: unknown; source: string }[] {
+  return [
+    { kind: 'ClusterConfiguration', path: ['networking', 'podSubnet'], value: config.network.podCidr.text, source: 'network.podCidr' },
+    { kind: 'ClusterConfiguration', path: ['networking', 'serviceSubnet'], value: config.network.serviceCidr.text, source: 'network.serviceCidr' },
+    { kind: 'ClusterConfiguration', path: ['kubernetesVersion'], value: lock.kubernetes.version, source: 'kubernetes.version (as pinned in the lock)' },
+    { kind: 'ClusterConfiguration', path: ['clusterName'], value: config.name, source: 'name' },
+    { kind: 'ClusterConfiguration', path: ['controlPlaneEndpoint'], value: `${controlPlane(config).ip}:${apiServerPort}`, source: 'the control-plane node ip' },
+    { kind: 'KubeletConfiguration', path: ['cgroupDriver'], value: 'systemd', source: 'corekube (containerd runs with systemd cgroups)' },
+    { kind: 'KubeletConfiguration', path: ['authentication', 'anonymous', 'enabled'], value: false, source: 'corekube (no anonymous kubelet access)' },
+    { kind: 'KubeletConfiguration', path: ['authorization', 'mode'], value: 'Webhook', source: 'corekube (kubelet authorization through the API server)' },
+  ];
+}
+
+function getPath(doc: Doc, path: string[]): unknown {
+  let value: unknown = doc;
+  for (const key of path) value = value !== null && typeof value === 'object' ? (value as Doc)[key] : undefined;
+  return value;
+}
+
+function deepMerge(base: Doc, patch: Doc): Doc {
+  const out: Doc = { ...base };
+  for (const [key, value] of Object.entries(patch)) {
+    const current = out[key];
+    out[key] =
+      value !== null && typeof value === 'object' && !Array.isArray(value) && current !== null && typeof current === 'object' && !Array.isArray(current)
+        ? deepMerge(current as Doc, value as Doc)
+        : value;
+  }
+  return out;
+}
+
+/**
+ * Applies the user's kubeadm overrides (fcc/kubeadm.yaml: documents by kind, merged
+ * into ours) and refuses any that contradicts cluster.yaml, naming file, field and value.
+ */
+export function applyKubeadmOverrides(docs: Doc[], overrideFile: string, overrideText: string | undefined, config: ClusterConfig, lock: Lock): Doc[] {
+  if (!overrideText) return docs;
+  const patches = parseAllDocuments(overrideText).map((d, index) => {
+    if (d.errors.length > 0) throw new InputError(overrideFile, [{ path: `document ${index + 1}`, expected: 'valid YAML', found: d.errors[0]!.message }]);
+    return d.toJS() as Doc | null;
+  });
+  const problems: { path: string; expected: string; found: string }[] = [];
+  const known = new Set(['InitConfiguration', 'ClusterConfiguration', 'JoinConfiguration', 'KubeletConfiguration', 'KubeProxyConfiguration']);
+  patches.forEach((patch, index) => {
+    if (!patch) return;
+    const kind = String(patch.kind ?? '');
+    if (!known.has(kind)) {
+      problems.push({ path: `document ${index + 1}.kind`, expected: [...known].join(', '), found: JSON.stringify(patch.kind) });
+      return;
+    }
+    for (const owned of ownedSettings(config, lock).filter((o) => o.kind === kind)) {
+      const value = getPath(patch, owned.path);
+      if (value !== undefined && value !== owned.value) {
+        problems.push({
+          path: `${kind}.${owned.path.join('.')}`,
+          expected: `${JSON.stringify(owned.value)} (from ${owned.source} in ${config.file}; change it there)`,
+          found: JSON.stringify(value),
+        });
+      }
+    }
+  });
+  if (problems.length > 0) throw new InputError(overrideFile, problems, 'fcc/kubeadm.yaml may add kubeadm settings, not contradict cluster.yaml.');
+  const result = docs.map((doc) => patches.filter((p) => p?.kind === doc.kind).reduce<Doc>((acc, p) => deepMerge(acc, p!), doc));
+  const missing = patches.filter((p) => p && !docs.some((d) => d.kind === p.kind));
+  // kube-proxy's settings are cluster-wide: they go with kubeadm init only.
+  const clusterWide = docs.some((d) => d.kind === 'ClusterConfiguration') ? (missing as Doc[]).filter((p) => p.kind === 'KubeProxyConfiguration') : [];
+  return [...result, ...clusterWide];
+}
+
+export function stringifyDocuments(docs: Doc[]): string {
+  return docs.map((d) => stringify(d, { lineWidth: 0 })).join('---\n');
+}
