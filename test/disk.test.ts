@@ -69,6 +69,11 @@ test('builds a labelled ext4 disk holding images, binaries, CNI plugins and a MA
     assert.ok(paths.includes(path), `${path} on the disk`);
   }
   assert.is(manifest.files.find((f) => f.path === 'bin/kubelet')!.mode, 0o755);
+  // The boot scripts the units run from the disk, executable, and the manifests.
+  for (const script of ['install.sh', 'import-images.sh', 'control-plane-up.sh', 'worker-up.sh']) {
+    assert.is(manifest.files.find((f) => f.path === `scripts/${script}`)?.mode, 0o755, `scripts/${script}`);
+  }
+  assert.ok(paths.includes('manifests/10-flannel.yaml'));
   assert.is(manifest.files.find((f) => f.path === 'images/index.json')!.mode, 0o644);
   // The kubelet on the disk is the fetched one, byte for byte.
   const kubelet = debugfs(image, 'cat /bin/kubelet');
