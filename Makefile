@@ -11,9 +11,9 @@ flag = $(if $(filter-out 0 false,$($(1))),$(2))
 CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only)
 
 # The stages, as in tasks/stages.ts.
-STAGES := fetch images pki disk ignition
+STAGES := fetch images pki disk ignition boot verify
 
-.PHONY: help cluster $(STAGES) deps test typecheck bench clean clean-pki distclean
+.PHONY: help cluster $(STAGES) down ssh deps test typecheck bench clean clean-pki distclean
 
 help:
 	@echo "make cluster      build everything (the stages below, in order; fresh ones are skipped)"
@@ -22,6 +22,10 @@ help:
 	@echo "make pki          the cluster CA (made once, kept), bootstrap token, out/kubeconfig"
 	@echo "make disk         the image disk out/image-disk.img (ext4, label corekube), reproducible"
 	@echo "make ignition     per-node files and Ignition configs out/ignition/NODE.ign from fcc/"
+	@echo "make boot         start one QEMU per node (KVM if usable); consoles in out/logs/"
+	@echo "make verify       wait (VERIFY_TIMEOUT s) until the cluster is ready, or say what is not"
+	@echo "make down         stop the nodes (power button, then kill after DOWN_TIMEOUT s)"
+	@echo "make ssh NODE=n   a shell on node n as core"
 	@echo "make deps         install the system tools the stages need (apt-get or dnf)"
 	@echo "make test         type-check and run the tests"
 	@echo "make bench        run the benchmarks in bench/"
@@ -41,6 +45,12 @@ cluster: $(NPM_STAMP)
 $(STAGES): $(NPM_STAMP)
 	$(CLI) $@
 
+down: $(NPM_STAMP)
+	node tasks/cli.ts down
+
+ssh: $(NPM_STAMP)
+	node tasks/cli.ts ssh $(NODE)
+
 deps: $(NPM_STAMP)
 	node tasks/cli.ts deps --install
 
@@ -54,11 +64,14 @@ bench: $(NPM_STAMP)
 	node bench/run.ts
 
 # The CA outlives a clean: nodes and the host kubeconfig trust it across rebuilds.
+# Running nodes are stopped first: their pid files are in out/run.
 clean:
+	@if [ -d out/run ]; then node tasks/cli.ts down; fi
 	@if [ -d out ]; then find out -mindepth 1 -maxdepth 1 ! -name pki ! -name kubeconfig -exec rm -rf {} +; fi
 
 clean-pki:
 	rm -rf out/pki out/kubeconfig
 
 distclean:
+	@if [ -d out/run ] && [ -d node_modules ]; then node tasks/cli.ts down; fi
 	rm -rf out cache node_modules

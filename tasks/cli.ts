@@ -1,13 +1,16 @@
 #!/usr/bin/env node
 // corekube's command line: `node tasks/cli.ts [options] TASK...` (the Makefile's targets
 // call it). One top-level catch maps errors to messages and exit codes.
+import { spawnSync } from 'node:child_process';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
+import { stopCluster } from './boot.ts';
 import { defaultConfigFile, loadConfig } from './config.ts';
 import { defaultHttpSettings } from './download.ts';
 import { formatPlan, runStages, selectStages, type Renderer } from './engine.ts';
 import { ExitCode, InterruptedError, UserError } from './errors.ts';
 import { defaultLockFile } from './lock.ts';
+import { sshArgs } from './qemu.ts';
 import { RunContext, type RunSettings } from './stage.ts';
 import { stages } from './stages.ts';
 import { hostFamily, installCommands, missingTools, type ToolName } from './tools.ts';
@@ -16,6 +19,8 @@ const projectRoot = resolve(import.meta.dirname, '..');
 
 const usage = `usage: node tasks/cli.ts [options] TASK...
        node tasks/cli.ts deps [--install] [TASK...]
+       node tasks/cli.ts down             stop the nodes (power button, then kill after DOWN_TIMEOUT s, default 60)
+       node tasks/cli.ts ssh NODE [CMD]   a shell (or CMD) on NODE as core
 
 Tasks (each also runs what it needs, unless --only):
 ${stages.map((s) => `  ${s.name.padEnd(10)} ${s.summary}`).join('\n')}
@@ -70,11 +75,29 @@ async function main(argv: string[]): Promise<number> {
   const truthy = (v: string | undefined) => v !== undefined && v !== '' && v !== '0' && v !== 'false';
 
   if (positionals[0] === 'deps') return deps(positionals.slice(1), values.install);
+  const outDir = resolve(values.out ?? (env.OUT_DIR || resolve(projectRoot, 'out')));
+  if (positionals[0] === 'down') {
+    const timeoutMs = number(env.DOWN_TIMEOUT, 'DOWN_TIMEOUT', 60, 0) * 1000;
+    const { poweredOff, killed } = await stopCluster(outDir, { timeoutMs });
+    if (poweredOff.length + killed.length === 0) console.log('corekube: no node was running');
+    if (poweredOff.length > 0) console.log(`corekube: powered off ${poweredOff.join(', ')}`);
+    if (killed.length > 0) console.log(`corekube: killed ${killed.join(', ')} (still up after ${timeoutMs / 1000}s)`);
+    return ExitCode.ok;
+  }
+  if (positionals[0] === 'ssh') {
+    const config = loadConfig(resolve(values.config ?? (env.CONFIG || resolve(projectRoot, defaultConfigFile))));
+    const name = positionals[1] ?? env.NODE;
+    const node = config.nodes.find((n) => n.name === name);
+    if (!node) throw new UserError(`ssh: expected a node of ${config.file} (${config.nodes.map((n) => n.name).join(', ')}), found ${name ? `"${name}"` : 'none'}: make ssh NODE=name`, ExitCode.usage);
+    const result = spawnSync('ssh', sshArgs(config, node, positionals.slice(2)), { stdio: 'inherit' });
+    if (result.error) throw new UserError(`ssh: could not run ssh: ${result.error.message} (install openssh-client)`);
+    return (result.status ?? 1) as ExitCode;
+  }
 
   const names = positionals.flatMap((name) => (name === 'cluster' ? stages.map((s) => s.name) : [name]));
   const settings: RunSettings = {
     root: projectRoot,
-    outDir: resolve(values.out ?? (env.OUT_DIR || resolve(projectRoot, 'out'))),
+    outDir,
     cacheDir: resolve(values.cache ?? (env.CACHE_DIR || resolve(projectRoot, 'cache'))),
     configFile: resolve(values.config ?? (env.CONFIG || resolve(projectRoot, defaultConfigFile))),
     lockFile: resolve(values.lock ?? (env.LOCK || resolve(projectRoot, defaultLockFile))),

@@ -1,10 +1,12 @@
 // The one list of stages, in dependency order. The CLI, `make <task>` and the graph
 // all come from here: adding a stage is one file and one line.
+import { bootStage } from './boot.ts';
 import { diskStage } from './disk.ts';
 import { fetchStage } from './fetch.ts';
 import { ignitionStage } from './ignition.ts';
 import { imagesStage } from './images.ts';
 import { pkiStage } from './pki.ts';
 import type { Stage } from './stage.ts';
+import { verifyStage } from './verify.ts';
 
-export const stages: readonly Stage[] = [fetchStage, imagesStage, pkiStage, diskStage, ignitionStage];
+export const stages: readonly Stage[] = [fetchStage, imagesStage, pkiStage, diskStage, ignitionStage, bootStage, verifyStage];

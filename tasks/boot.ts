@@ -1,0 +1,225 @@
+// boot: one QEMU process per node (FCOS with -snapshot, Ignition on fw_cfg, the image
+// disk read-only), a userspace switch (vde_switch) for the cluster network, no root, no
+// host bridge, nothing reachable off this machine. `down` stops it all; `ssh` logs in.
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
+import { createConnection, createServer } from 'node:net';
+import { join } from 'node:path';
+import type { ClusterConfig, NodeConfig } from './config.ts';
+import { UserError } from './errors.ts';
+import { artifactOutput } from './fetch.ts';
+import { diskOutput } from './disk.ts';
+import { ignitionDir } from './ignition.ts';
+import { bootTimeFile, kvmUsable, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './qemu.ts';
+import type { RunContext, Stage } from './stage.ts';
+import { findOnPath } from './tools.ts';
+
+export const switchPidFile = join(runDir, 'switch.pid');
+
+/** The test-only stand-in (kernel + initramfs) from the environment; unset for real nodes. */
+export function standInFromEnv(env = process.env): StandIn | undefined {
+  if (!env.COREKUBE_STANDIN_KERNEL) return undefined;
+  if (!env.COREKUBE_STANDIN_INITRD) throw new UserError('COREKUBE_STANDIN_KERNEL is set but COREKUBE_STANDIN_INITRD is not: a stand-in needs both (tests only)');
+  return { kernel: env.COREKUBE_STANDIN_KERNEL, initrd: env.COREKUBE_STANDIN_INITRD, append: env.COREKUBE_STANDIN_APPEND };
+}
+
+export function pathsFor(ctx: RunContext, node: NodeConfig): NodePaths {
+  const { outDir } = ctx.settings;
+  return nodePaths(outDir, node, {
+    image: join(outDir, artifactOutput(ctx.lock.artifacts['fcos-qemu'])),
+    ignition: join(outDir, ignitionDir, `${node.name}.ign`),
+    disk: join(outDir, diskOutput),
+  });
+}
+
+export const bootStage: Stage = {
+  name: 'boot',
+  title: 'Boot the nodes in QEMU',
+  summary: 'starts one QEMU per node (FCOS, -snapshot, Ignition on fw_cfg, the image disk read-only) on a private switch; SSH and the API server on 127.0.0.1',
+  needs: ['fetch', 'disk', 'ignition'],
+  tools: ['qemu-system-x86_64', 'vde_switch'],
+  inputs(ctx) {
+    const standIn = standInFromEnv();
+    return {
+      nodes: JSON.stringify(ctx.config.nodes),
+      ports: JSON.stringify(ctx.config.hostPorts),
+      standIn: standIn ? JSON.stringify(standIn) : 'none',
+    };
+  },
+  /** Nodes that stopped (powered off, crashed, killed) are booted again. */
+  expired(ctx) {
+    const stopped = ctx.config.nodes.filter((node) => !runningQemu(pathsFor(ctx, node).pid));
+    return stopped.length > 0 ? `not running: ${stopped.map((n) => n.name).join(', ')}` : undefined;
+  },
+  outputs(ctx) {
+    return ctx.config.nodes.map((node) => join(runDir, `${node.name}.pid`));
+  },
+  async run(ctx, task) {
+    const { config } = ctx;
+    const { outDir } = ctx.settings;
+    const running = config.nodes.filter((node) => runningQemu(pathsFor(ctx, node).pid));
+    if (running.length > 0) {
+      // Inputs changed (or some nodes stopped) while others run: a node must never run
+      // from an older build next to newer ones.
+      throw new UserError(
+        `${running.map((n) => n.name).join(', ')} ${running.length === 1 ? 'is' : 'are'} still running from an earlier boot. ` +
+          'Stop the cluster first (make down), then make boot: every boot is a first boot.',
+      );
+    }
+    await stopCluster(outDir, { timeoutMs: 0 }); // leftovers of a crashed run: stale pid files, sockets
+    await checkPortsFree(config);
+    const accel = kvmUsable() ? 'kvm' : 'tcg';
+    if (accel === 'tcg') {
+      process.stderr.write('corekube: /dev/kvm is not usable: the nodes run under TCG emulation, many times slower (minutes to boot)\n');
+    }
+    await mkdir(join(outDir, runDir), { recursive: true });
+    await mkdir(join(outDir, logsDir), { recursive: true });
+    const sockets = socketDir(outDir);
+    await mkdir(sockets, { recursive: true, mode: 0o700 });
+    const standIn = standInFromEnv();
+    for (const node of config.nodes) {
+      const paths = pathsFor(ctx, node);
+      for (const [what, file] of [['Ignition config', paths.ignition], ['image disk', paths.disk], ...(standIn ? [] : [['FCOS image', paths.image]])] as const) {
+        if (!existsSync(file)) throw new UserError(`${node.name}: the ${what} ${file} is missing (make cluster builds it)`);
+      }
+    }
+    await writeFile(join(outDir, bootTimeFile), `${new Date().toISOString()}\n`);
+    task.output = 'starting the cluster switch';
+    const firstPaths = pathsFor(ctx, config.nodes[0]!);
+    await run(findOnPath('vde_switch') ?? 'vde_switch', ['-s', firstPaths.switchSocket, '-d', '-p', join(outDir, switchPidFile), '-m', '700'], 'vde_switch');
+    try {
+      for (const node of config.nodes) {
+        task.output = `starting ${node.name} (${accel})`;
+        const paths = pathsFor(ctx, node);
+        await rm(paths.log, { force: true });
+        await run(findOnPath('qemu-system-x86_64') ?? 'qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`);
+      }
+    } catch (error) {
+      await stopCluster(outDir, { timeoutMs: 0 });
+      throw error;
+    }
+    task.output = `${config.nodes.length} node(s) booting; consoles in out/${logsDir}/`;
+  },
+};
+
+function run(binary: string, args: string[], what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(binary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.on('error', (error) => reject(new UserError(`${what}: could not start ${binary}: ${error.message}`)));
+    child.on('close', (code) => {
+      if (code === 0) resolve();
+      else reject(new UserError(`${what} failed (exit ${code}):\n  ${stderr.trim().split('\n').join('\n  ')}\n  command: ${binary} ${args.join(' ')}`));
+    });
+  });
+}
+
+/** Every published port must be free on 127.0.0.1 before anything starts. */
+export async function checkPortsFree(config: ClusterConfig): Promise<void> {
+  const taken: string[] = [];
+  for (const { port, what, field } of publishedPorts(config)) {
+    const free = await new Promise<boolean>((resolve) => {
+      const server = createServer();
+      server.once('error', () => resolve(false));
+      server.listen({ host: '127.0.0.1', port, exclusive: true }, () => server.close(() => resolve(true)));
+    });
+    if (!free) taken.push(`  127.0.0.1:${port} (${what}, from ${field} in ${config.file}) is already in use`);
+  }
+  if (taken.length > 0) {
+    throw new UserError(`cannot publish the cluster's ports:\n${taken.join('\n')}\nStop what uses them, or choose other ports with hostPorts in ${config.file}.`);
+  }
+}
+
+function readPid(file: string): number | undefined {
+  try {
+    const pid = Number(readFileSync(file, 'utf8').trim());
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A pid file names a live QEMU of ours (not a recycled pid of something else). */
+export function runningQemu(pidFile: string): number | undefined {
+  const pid = readPid(pidFile);
+  if (!pid) return undefined;
+  try {
+    const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    return cmdline.includes('qemu-system') && cmdline.includes(pidFile) ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** ACPI power button through QMP; the guest shuts down in its own time. */
+function powerButton(qmpSocket: string): Promise<void> {
+  return new Promise((resolve) => {
+    const socket = createConnection(qmpSocket);
+    const timer = setTimeout(() => socket.destroy(), 2000);
+    socket.on('connect', () => {
+      socket.write('{"execute":"qmp_capabilities"}\n{"execute":"system_powerdown"}\n');
+      socket.end();
+    });
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    socket.on('error', () => undefined);
+  });
+}
+
+export interface StopReport {
+  poweredOff: string[];
+  killed: string[];
+}
+
+/**
+ * `make down`: the power button for every node running from this tree (its pid files),
+ * then SIGKILL for those still up after timeoutMs; then the switch; then pid files and
+ * sockets. Needs no config (a node removed from cluster.yaml is stopped too); safe when
+ * nothing runs.
+ */
+export async function stopCluster(outDir: string, options: { timeoutMs: number }): Promise<StopReport> {
+  const report: StopReport = { poweredOff: [], killed: [] };
+  const up: { name: string; pid: number; qmp: string }[] = [];
+  for (const entry of await readdir(join(outDir, runDir)).catch(() => [] as string[])) {
+    if (!entry.endsWith('.pid') || entry === 'switch.pid') continue;
+    const name = entry.replace(/\.pid$/, '');
+    const pid = runningQemu(join(outDir, runDir, entry));
+    if (pid) up.push({ name, pid, qmp: join(socketDir(outDir), `${name}.qmp`) });
+  }
+  if (options.timeoutMs > 0) await Promise.all(up.map((n) => powerButton(n.qmp)));
+  const deadline = Date.now() + options.timeoutMs;
+  for (const n of up) {
+    while (alive(n.pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+    if (alive(n.pid)) {
+      process.kill(n.pid, 'SIGKILL');
+      while (alive(n.pid)) await new Promise((r) => setTimeout(r, 50));
+      report.killed.push(n.name);
+    } else {
+      report.poweredOff.push(n.name);
+    }
+  }
+  const switchPid = readPid(join(outDir, switchPidFile));
+  if (switchPid && alive(switchPid) && readFileSync(`/proc/${switchPid}/cmdline`, 'utf8').includes('vde_switch')) {
+    process.kill(switchPid, 'SIGTERM');
+    const until = Date.now() + 5000;
+    while (alive(switchPid) && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    if (alive(switchPid)) process.kill(switchPid, 'SIGKILL');
+  }
+  // The boot stamp promised the pid files: with them gone, the next boot runs.
+  await rm(join(outDir, runDir), { recursive: true, force: true });
+  await rm(socketDir(outDir), { recursive: true, force: true });
+  return report;
+}
