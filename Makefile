@@ -11,12 +11,13 @@ flag = $(if $(filter-out 0 false,$($(1))),$(2))
 CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only)
 
 # The stages, as in tasks/stages.ts.
-STAGES := fetch images pki disk ignition boot verify
+STAGES := pin fetch images pki disk ignition boot verify
 
 .PHONY: help cluster $(STAGES) down ssh deps test typecheck bench clean clean-pki distclean
 
 help:
-	@echo "make cluster      build everything (the stages below, in order; fresh ones are skipped)"
+	@echo "make cluster      build and boot everything (the stages below but pin, in order; fresh ones are skipped; pin first when there is no lock)"
+	@echo "make pin          resolve cluster.yaml against upstream, write corekube.lock.yaml (online; prints what changed)"
 	@echo "make fetch        download FCOS and the Kubernetes binaries into cache/, verified"
 	@echo "make images       copy the pinned images by digest into one OCI layout (cache/oci, out/images)"
 	@echo "make pki          the cluster CA (made once, kept), bootstrap token, out/kubeconfig"

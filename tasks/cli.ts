@@ -2,6 +2,7 @@
 // corekube's command line: `node tasks/cli.ts [options] TASK...` (the Makefile's targets
 // call it). One top-level catch maps errors to messages and exit codes.
 import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { stopCluster } from './boot.ts';
@@ -12,7 +13,8 @@ import { ExitCode, InterruptedError, UserError } from './errors.ts';
 import { defaultLockFile } from './lock.ts';
 import { sshArgs } from './qemu.ts';
 import { RunContext, type RunSettings } from './stage.ts';
-import { stages } from './stages.ts';
+import { pinResults, pinStage } from './pin.ts';
+import { buildStages, stages } from './stages.ts';
 import { hostFamily, installCommands, missingTools, type ToolName } from './tools.ts';
 
 const projectRoot = resolve(import.meta.dirname, '..');
@@ -24,7 +26,7 @@ const usage = `usage: node tasks/cli.ts [options] TASK...
 
 Tasks (each also runs what it needs, unless --only):
 ${stages.map((s) => `  ${s.name.padEnd(10)} ${s.summary}`).join('\n')}
-  cluster    all of the above
+  cluster    all of the above but pin (pin first when there is no lock yet)
 
 Options (Makefile variables in brackets):
   --config FILE        cluster config (default cluster.yaml) [CONFIG]
@@ -94,7 +96,7 @@ async function main(argv: string[]): Promise<number> {
     return (result.status ?? 1) as ExitCode;
   }
 
-  const names = positionals.flatMap((name) => (name === 'cluster' ? stages.map((s) => s.name) : [name]));
+  const names = positionals.flatMap((name) => (name === 'cluster' ? buildStages.map((s) => s.name) : [name]));
   const settings: RunSettings = {
     root: projectRoot,
     outDir,
@@ -116,7 +118,11 @@ async function main(argv: string[]): Promise<number> {
   if (!['auto', 'simple', 'silent'].includes(renderer)) {
     throw new UserError(`--renderer: expected auto, simple or silent, found "${renderer}"`, ExitCode.usage);
   }
-  const selected = selectStages(stages, names, values.only);
+  const noLock = !existsSync(settings.lockFile);
+  const autoPin = positionals.includes('cluster') && noLock && !settings.offline;
+  const wantsPin = names.includes('pin') || autoPin;
+  const rest = names.filter((name) => name !== 'pin');
+  const selected = rest.length > 0 ? selectStages(stages, rest, values.only) : [];
 
   const controller = new AbortController();
   let interrupts = 0;
@@ -129,6 +135,20 @@ async function main(argv: string[]): Promise<number> {
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
 
+  if (wantsPin) {
+    // pin runs on its own first: the other stages read the lock it writes.
+    if (autoPin && !names.includes('pin')) console.log(`corekube: no lock yet (${settings.lockFile}): pinning from upstream first`);
+    const pinCtx = new RunContext(settings, controller.signal);
+    void pinCtx.config;
+    const pinned = await runStages(pinCtx, [pinStage], { dryRun: values['dry-run'], renderer });
+    if (values['dry-run']) console.log(formatPlan(pinned.plan ?? []));
+    else console.log(pinResults.get(pinCtx)?.summary ?? '');
+    if (selected.length === 0) return ExitCode.ok;
+    if (values['dry-run'] && noLock) {
+      console.log(`then, once pin has written the lock: ${selected.map((s) => s.name).join(', ')}`);
+      return ExitCode.ok;
+    }
+  }
   const ctx = new RunContext(settings, controller.signal);
   void ctx.config; // a bad config stops everything before anything is written
   const report = await runStages(ctx, selected, { dryRun: values['dry-run'], renderer });

@@ -74,8 +74,8 @@ export function loadLock(file: string): Lock {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') {
       throw new UserError(
         `${file}: no lock file. corekube ships no lock with checksums it has not verified: ` +
-          `write it from upstream's published checksums as described in README.md ("The lock"), ` +
-          `or bring one from a machine that has it.`,
+          'write it with `make pin` (online: it reads upstream\'s published checksums and digests), ' +
+          'or bring one from a machine that has it (`make bundle` there, `make unbundle FILE=…` here).',
         ExitCode.config,
       );
     }

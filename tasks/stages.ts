@@ -5,8 +5,11 @@ import { diskStage } from './disk.ts';
 import { fetchStage } from './fetch.ts';
 import { ignitionStage } from './ignition.ts';
 import { imagesStage } from './images.ts';
+import { pinStage } from './pin.ts';
 import { pkiStage } from './pki.ts';
 import type { Stage } from './stage.ts';
 import { verifyStage } from './verify.ts';
 
-export const stages: readonly Stage[] = [fetchStage, imagesStage, pkiStage, diskStage, ignitionStage, bootStage, verifyStage];
+export const stages: readonly Stage[] = [pinStage, fetchStage, imagesStage, pkiStage, diskStage, ignitionStage, bootStage, verifyStage];
+/** What `cluster` builds: every stage but pin, which asks upstream and runs only when named (or when there is no lock yet). */
+export const buildStages: readonly Stage[] = stages.filter((s) => s !== pinStage);

@@ -98,7 +98,7 @@ test('a missing lock says how to create one', () => {
     assert.unreachable();
   } catch (error) {
     assert.instance(error, UserError);
-    assert.match((error as Error).message, /no lock file.*README/s);
+    assert.match((error as Error).message, /no lock file.*make pin/s);
   }
 });
 
