@@ -5,7 +5,9 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
+import { Listr } from 'listr2';
 import { stopCluster } from './boot.ts';
+import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle.ts';
 import { defaultConfigFile, loadConfig } from './config.ts';
 import { defaultHttpSettings } from './download.ts';
 import { formatPlan, runStages, selectStages, type Renderer } from './engine.ts';
@@ -21,6 +23,8 @@ const projectRoot = resolve(import.meta.dirname, '..');
 
 const usage = `usage: node tasks/cli.ts [options] TASK...
        node tasks/cli.ts deps [--install] [TASK...]
+       node tasks/cli.ts bundle [--file F]   the lock, cluster.yaml and every cache entry they need, as one tar (runs fetch, images first)
+       node tasks/cli.ts unbundle --file F   verify, add to cache/, install lock/config where absent (--force replaces, keeps .orig; --dry-run verifies only)
        node tasks/cli.ts down             stop the nodes (power button, then kill after DOWN_TIMEOUT s, default 60)
        node tasks/cli.ts ssh NODE [CMD]   a shell (or CMD) on NODE as core
 
@@ -66,6 +70,7 @@ async function main(argv: string[]): Promise<number> {
       retries: { type: 'string' },
       'stall-timeout': { type: 'string' },
       renderer: { type: 'string', default: 'auto' },
+      file: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -118,10 +123,12 @@ async function main(argv: string[]): Promise<number> {
   if (!['auto', 'simple', 'silent'].includes(renderer)) {
     throw new UserError(`--renderer: expected auto, simple or silent, found "${renderer}"`, ExitCode.usage);
   }
+  const action = positionals[0] === 'bundle' || positionals[0] === 'unbundle' ? positionals[0] : undefined;
+  if (action && positionals.length > 1) throw new UserError(`${action} runs alone: found also ${positionals.slice(1).join(' ')}`, ExitCode.usage);
   const noLock = !existsSync(settings.lockFile);
-  const autoPin = positionals.includes('cluster') && noLock && !settings.offline;
-  const wantsPin = names.includes('pin') || autoPin;
-  const rest = names.filter((name) => name !== 'pin');
+  const autoPin = !action && positionals.includes('cluster') && noLock && !settings.offline;
+  const wantsPin = !action && (names.includes('pin') || autoPin);
+  const rest = action ? [] : names.filter((name) => name !== 'pin');
   const selected = rest.length > 0 ? selectStages(stages, rest, values.only) : [];
 
   const controller = new AbortController();
@@ -135,6 +142,7 @@ async function main(argv: string[]): Promise<number> {
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
 
+  if (action) return runAction(new RunContext(settings, controller.signal), action, { file: values.file || env.FILE || undefined, renderer, dryRun: values['dry-run'] });
   if (wantsPin) {
     // pin runs on its own first: the other stages read the lock it writes.
     if (autoPin && !names.includes('pin')) console.log(`corekube: no lock yet (${settings.lockFile}): pinning from upstream first`);
@@ -157,6 +165,25 @@ async function main(argv: string[]): Promise<number> {
   } else if (report.ran.length === 0) {
     console.log(`corekube: ${selected.map((s) => s.name).join(', ')}: fresh, nothing to do`);
   }
+  return ExitCode.ok;
+}
+
+/** bundle and unbundle: actions on the cache, not stages (no stamp, not part of cluster). */
+async function runAction(ctx: RunContext, action: 'bundle' | 'unbundle', options: { file: string | undefined; renderer: Renderer; dryRun: boolean }): Promise<number> {
+  let task;
+  if (action === 'bundle') {
+    const report = await runStages(ctx, selectStages(stages, bundleNeeds), { dryRun: options.dryRun, renderer: options.renderer });
+    if (options.dryRun) {
+      console.log(`${formatPlan(report.plan ?? [])}\nbundle: would write ${options.file ? resolve(options.file) : defaultBundlePath(ctx)}`);
+      return ExitCode.ok;
+    }
+    task = bundleTask(ctx, options.file ? resolve(options.file) : undefined);
+  } else {
+    if (!options.file) throw new UserError('unbundle: expected the bundle to read, found none: make unbundle FILE=path/to/corekube-bundle-NAME.tar (--file)', ExitCode.usage);
+    task = unbundleTask(ctx, resolve(options.file), { replace: ctx.settings.force, verifyOnly: options.dryRun });
+  }
+  const plain = options.renderer === 'simple' || (options.renderer === 'auto' && !ctx.settings.interactive);
+  await new Listr([task], { renderer: options.renderer === 'silent' ? 'silent' : plain ? 'simple' : 'default', registerSignalListeners: false, rendererOptions: { showErrorMessage: false } }).run();
   return ExitCode.ok;
 }
 
