@@ -11,7 +11,7 @@ import { UserError } from './errors.ts';
 import { artifactOutput } from './fetch.ts';
 import { diskOutput } from './disk.ts';
 import { ignitionDir } from './ignition.ts';
-import { bootTimeFile, kvmUsable, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './qemu.ts';
+import { bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './qemu.ts';
 import type { RunContext, Stage } from './stage.ts';
 import { findOnPath } from './tools.ts';
 
@@ -69,10 +69,8 @@ export const bootStage: Stage = {
     }
     await stopCluster(outDir, { timeoutMs: 0 }); // leftovers of a crashed run: stale pid files, sockets
     await checkPortsFree(config);
-    const accel = kvmUsable() ? 'kvm' : 'tcg';
-    if (accel === 'tcg') {
-      process.stderr.write('corekube: /dev/kvm is not usable: the nodes run under TCG emulation, many times slower (minutes to boot)\n');
-    }
+    let accel = chooseAccelerator();
+    if (accel === 'tcg') warnTcg(process.env.COREKUBE_ACCEL === 'tcg' ? 'COREKUBE_ACCEL=tcg' : '/dev/kvm is not usable');
     await mkdir(join(outDir, runDir), { recursive: true });
     await mkdir(join(outDir, logsDir), { recursive: true });
     const sockets = socketDir(outDir);
@@ -88,12 +86,28 @@ export const bootStage: Stage = {
     task.output = 'starting the cluster switch';
     const firstPaths = pathsFor(ctx, config.nodes[0]!);
     await run(findOnPath('vde_switch') ?? 'vde_switch', ['-s', firstPaths.switchSocket, '-d', '-p', join(outDir, switchPidFile), '-m', '700'], 'vde_switch');
+    // vde_switch -d returns before its pid file and control socket exist.
+    const ready = Date.now() + 10_000;
+    while (!(existsSync(join(outDir, switchPidFile)) && existsSync(join(firstPaths.switchSocket, 'ctl')))) {
+      if (Date.now() > ready) throw new UserError(`vde_switch did not create ${firstPaths.switchSocket}/ctl within 10 s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
     try {
       for (const node of config.nodes) {
         task.output = `starting ${node.name} (${accel})`;
         const paths = pathsFor(ctx, node);
         await rm(paths.log, { force: true });
-        await run(findOnPath('qemu-system-x86_64') ?? 'qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`);
+        const qemu = findOnPath('qemu-system-x86_64') ?? 'qemu-system-x86_64';
+        try {
+          await run(qemu, qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`);
+        } catch (error) {
+          // /dev/kvm can be there and still fail (nested virtualization without the MSRs
+          // QEMU needs): unless KVM was asked for, fall back to TCG for every node.
+          if (accel !== 'kvm' || process.env.COREKUBE_ACCEL === 'kvm' || !/kvm/i.test((error as Error).message)) throw error;
+          accel = 'tcg';
+          warnTcg(`KVM failed: ${(error as Error).message.split('\n')[1]?.trim() ?? 'see above'}`);
+          await run(qemu, qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`);
+        }
       }
     } catch (error) {
       await stopCluster(outDir, { timeoutMs: 0 });
@@ -102,6 +116,18 @@ export const bootStage: Stage = {
     task.output = `${config.nodes.length} node(s) booting; consoles in out/${logsDir}/`;
   },
 };
+
+/** KVM when usable, unless COREKUBE_ACCEL says otherwise (kvm: fail rather than emulate). */
+export function chooseAccelerator(env = process.env): Accelerator {
+  if (env.COREKUBE_ACCEL === 'tcg') return 'tcg';
+  if (env.COREKUBE_ACCEL === 'kvm') return 'kvm';
+  if (env.COREKUBE_ACCEL) throw new UserError(`COREKUBE_ACCEL: expected kvm or tcg, found "${env.COREKUBE_ACCEL}"`);
+  return kvmUsable() ? 'kvm' : 'tcg';
+}
+
+function warnTcg(why: string): void {
+  process.stderr.write(`corekube: ${why}: the nodes run under TCG emulation, many times slower (minutes to boot FCOS)\n`);
+}
 
 function run(binary: string, args: string[], what: string): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -153,10 +179,16 @@ export function runningQemu(pidFile: string): number | undefined {
   }
 }
 
+/** Alive and not a zombie (a daemonized QEMU's parent may never reap it). */
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
+  } catch {
+    return false;
+  }
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
   } catch {
     return false;
   }

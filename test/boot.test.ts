@@ -1,0 +1,206 @@
+// The boot stage with a real QEMU (TCG: no KVM here) and a real vde_switch, booting the
+// stand-in appliance (test/fixtures/appliance.ts) in place of FCOS through the test-only
+// COREKUBE_STANDIN_* override: nothing else of the boot code changes. The appliance
+// reports what FCOS would see: the Ignition bytes on fw_cfg, the image disk by label,
+// read-only and matching its MANIFEST.json, the peers over the cluster switch, nothing
+// reachable through the user-mode NIC, and a listener behind the SSH port forward.
+import { createHash } from 'node:crypto';
+import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
+import { connect, createServer, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { runningQemu, stopCluster, switchPidFile } from '../tasks/boot.ts';
+import { runStages, selectStages } from '../tasks/engine.ts';
+import { sshPort } from '../tasks/qemu.ts';
+import { stages } from '../tasks/stages.ts';
+import { verifyStage } from '../tasks/verify.ts';
+import { buildAppliance, readChecks, readDone, type Appliance } from './fixtures/appliance.ts';
+import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
+import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
+import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
+import { fixtureMirrors, loud, makeWorkspace, projectImages, runCli, waitFor, workspaceArgs, type Workspace } from './helpers.ts';
+
+const work = mkdtempSync(join(tmpdir(), 'corekube-boot-'));
+const version = 'v1.35.7';
+let tree: UpstreamTree;
+let server: FixtureServer;
+let registry: RegistryFixture;
+let appliance: Appliance;
+let probe: Server;
+let probeConnections = 0;
+const workspaces: Workspace[] = [];
+// Ports far from the defaults, different per run: CI may run other things.
+const portBase = 20000 + (process.pid % 2000) * 10;
+
+test.before(loud(async () => {
+  appliance = await buildAppliance();
+  tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
+  server = await startFixtureServer({ root: join(work, 'upstream') });
+  registry = await startRegistry({ images: projectImages(version), work });
+  // A service on the host's 127.0.0.1 that the nodes' user-mode NIC must not reach.
+  probe = createServer((socket) => {
+    probeConnections++;
+    socket.end('reached\n');
+  });
+  await new Promise<void>((resolve) => probe.listen({ host: '127.0.0.1', port: 0 }, resolve));
+}));
+
+test.after(async () => {
+  for (const ws of workspaces) await stopCluster(ws.outDir, { timeoutMs: 0 }).catch(() => undefined);
+  await server?.close();
+  await registry?.close();
+  probe?.close();
+  for (const ws of workspaces) rmSync(ws.dir, { recursive: true, force: true });
+  rmSync(work, { recursive: true, force: true });
+});
+
+function workspace(nodes: string[], ports: { apiServer: number; sshBase: number }): Workspace {
+  const ws = makeWorkspace(tree, server.url, {
+    nodes,
+    registries: fixtureMirrors(registry.host),
+    images: registry.images.map((i) => (i.digest === i.storedDigest ? `${i.name}:${i.tag}@${i.digest}` : `{image: "${i.name}:${i.tag}@${i.digest}", layoutDigest: "${i.storedDigest}"}`)),
+    extraConfig: [`hostPorts: {apiServer: ${ports.apiServer}, sshBase: ${ports.sshBase}}`],
+  });
+  workspaces.push(ws);
+  return ws;
+}
+
+function standIn(mode: 'poweroff' | 'stay' | 'acpi') {
+  process.env.COREKUBE_STANDIN_KERNEL = appliance.kernel;
+  process.env.COREKUBE_STANDIN_INITRD = appliance.initrd;
+  process.env.COREKUBE_STANDIN_APPEND = `quiet corekube.probe=10.0.2.2:${(probe.address() as { port: number }).port} corekube.outside=192.0.2.1:80 corekube.mode=${mode}`;
+}
+
+// boot with what it needs: fetch, images, pki, disk, ignition (fresh ones are skipped).
+const boot = (ws: Workspace) => runStages(ws.context({ http: { retries: 1, stallTimeoutMs: 2000, backoffMs: 20 } }), selectStages(stages, ['boot']), { renderer: 'silent' });
+const log = (ws: Workspace, node: string) => (existsSync(join(ws.outDir, 'logs', `${node}.log`)) ? readFileSync(join(ws.outDir, 'logs', `${node}.log`), 'utf8') : '');
+const sha256 = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
+const pidOf = (ws: Workspace, node: string) => runningQemu(join(ws.outDir, 'run', `${node}.pid`));
+
+function banner(port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host: '127.0.0.1', port });
+    let text = '';
+    socket.setTimeout(10_000, () => socket.destroy(new Error('no banner within 10 s')));
+    socket.on('data', (chunk) => (text += chunk.toString()));
+    socket.on('end', () => resolve(text));
+    socket.on('close', () => resolve(text));
+    socket.on('error', reject);
+  });
+}
+
+/** Running, not a zombie: daemonized processes whose parent never reaps them linger as Z. */
+function running(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+function processesOf(ws: Workspace): string[] {
+  const found: string[] = [];
+  for (const pid of readdirSync('/proc').filter((p) => /^\d+$/.test(p))) {
+    try {
+      const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      if ((cmdline.includes('qemu-system') || cmdline.includes('vde_switch')) && (cmdline.includes(ws.outDir) || cmdline.includes(ws.dir))) found.push(`${pid}: ${cmdline.replace(/\0/g, ' ').slice(0, 120)}`);
+    } catch {
+      // gone
+    }
+  }
+  return found;
+}
+
+let pair: Workspace;
+
+test('two nodes boot on the shared switch: Ignition on fw_cfg, the image disk by label, peers reachable, nothing outside', async () => {
+  standIn('stay');
+  pair = workspace(['{name: cp1, role: control-plane, ip: 10.77.0.10, memory: 2GiB}', '{name: w1, role: worker, ip: 10.77.0.21, memory: 1GiB}'], { apiServer: portBase, sshBase: portBase + 1 });
+  const started = Date.now();
+  await boot(pair);
+  for (const node of ['cp1', 'w1']) assert.ok(pidOf(pair, node), `${node} runs`);
+  await waitFor(() => ['cp1', 'w1'].every((node) => readDone(log(pair, node)) === node), 180_000, 'both stand-ins to finish their checks');
+  console.log(`    (2 stand-ins booted and checked in ${((Date.now() - started) / 1000).toFixed(1)} s under TCG)`);
+  for (const node of ['cp1', 'w1']) {
+    const checks = readChecks(log(pair, node));
+    for (const name of ['ignition', 'disk-label', 'disk-ro', 'disk-manifest', 'user-net', 'ssh-listener', 'cluster-net']) {
+      assert.ok(checks.get(name)?.ok, `${node}: ${name}: ${checks.get(name)?.detail ?? 'no result line'}\n${log(pair, node).slice(-1500)}`);
+    }
+    // The exact bytes of out/ignition/NODE.ign arrived on fw_cfg.
+    assert.match(checks.get('ignition')!.detail, `sha256=${sha256(join(pair.outDir, 'ignition', `${node}.ign`))}`);
+  }
+  assert.is(probeConnections, 0, 'no node reached the host through its user-mode NIC');
+  // The SSH forward on 127.0.0.1 reaches each node's port 22.
+  const config = pair.context().config;
+  assert.match(await banner(sshPort(config, config.nodes[0]!)), /COREKUBE-SSH-cp1/);
+  assert.match(await banner(sshPort(config, config.nodes[1]!)), /COREKUBE-SSH-w1/);
+});
+
+test('a second boot while the nodes run does nothing', async () => {
+  const before = [pidOf(pair, 'cp1'), pidOf(pair, 'w1')];
+  const report = await boot(pair);
+  assert.not.ok(report.ran.includes('boot'), `ran: ${report.ran.join(', ')}`);
+  assert.equal([pidOf(pair, 'cp1'), pidOf(pair, 'w1')], before);
+});
+
+test('verify on nodes that never become ready fails within its bound, naming what and showing the console tail', async () => {
+  process.env.VERIFY_TIMEOUT = '4';
+  const started = Date.now();
+  try {
+    await runStages(pair.context(), [verifyStage], { renderer: 'silent' });
+    assert.unreachable('verify succeeded without a cluster');
+  } catch (error) {
+    const message = (error as Error).message;
+    assert.match(message, /not ready after 4s \(VERIFY_TIMEOUT\)/);
+    assert.match(message, /FAIL API server/);
+    assert.match(message, /last lines of cp1's console/);
+    assert.match(message, /COREKUBE-/, 'the tail of the real console log');
+  } finally {
+    delete process.env.VERIFY_TIMEOUT;
+  }
+  assert.ok(Date.now() - started < 30_000, `bounded: ${Date.now() - started} ms`);
+});
+
+test('make down: a node that ignores the power button is killed after the timeout; nothing is left behind', async () => {
+  const switchPid = Number(readFileSync(join(pair.outDir, switchPidFile), 'utf8'));
+  const result = await runCli(['down', ...workspaceArgs(pair)], { env: { DOWN_TIMEOUT: '2' } });
+  assert.is(result.code, 0, result.stderr);
+  assert.match(result.stdout, /killed cp1, w1 \(still up after 2s\)/);
+  assert.equal(processesOf(pair), []);
+  assert.not.ok(running(switchPid), 'the switch is gone');
+  assert.not.ok(existsSync(join(pair.outDir, 'run')));
+  const again = await runCli(['down', ...workspaceArgs(pair)]);
+  assert.match(again.stdout, /no node was running/);
+});
+
+test('a node that honours the power button powers off cleanly; boot after down boots again', async () => {
+  standIn('acpi');
+  const single = workspace(['{name: solo, role: control-plane, ip: 10.77.0.10, memory: 2GiB}'], { apiServer: portBase + 5, sshBase: portBase + 6 });
+  await boot(single);
+  await waitFor(() => readDone(log(single, 'solo')) === 'solo', 120_000, 'the stand-in to finish');
+  const clusterNet = readChecks(log(single, 'solo')).get('cluster-net');
+  assert.ok(clusterNet?.ok && /addr=10\.77\.0\.10\/24 no peers/.test(clusterNet.detail), clusterNet?.detail);
+  const report = await stopCluster(single.outDir, { timeoutMs: 60_000 });
+  assert.equal(report, { poweredOff: ['solo'], killed: [] });
+  assert.equal(processesOf(single), []);
+});
+
+test('a port already taken on 127.0.0.1 stops the boot before anything starts, naming port and field', async () => {
+  standIn('poweroff');
+  const blocker = createServer();
+  await new Promise<void>((resolve) => blocker.listen({ host: '127.0.0.1', port: portBase + 1 }, resolve));
+  try {
+    const error = await boot(pair).then(() => undefined, (e: Error) => e);
+    assert.ok(error, 'refused');
+    assert.match(error!.message, new RegExp(`127\\.0\\.0\\.1:${portBase + 1} \\(SSH to cp1, from hostPorts\\.sshBase in .*\\) is already in use`));
+    assert.equal(processesOf(pair), []);
+  } finally {
+    blocker.close();
+  }
+});
+
+test.run();
