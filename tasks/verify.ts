@@ -174,6 +174,8 @@ export const verifyStage: Stage = {
     const { outDir } = ctx.settings;
     const timeoutSeconds = Number(process.env.VERIFY_TIMEOUT || defaultVerifyTimeoutSeconds);
     if (!Number.isFinite(timeoutSeconds) || timeoutSeconds <= 0) throw new UserError(`VERIFY_TIMEOUT: expected seconds > 0, found "${process.env.VERIFY_TIMEOUT}"`);
+    const intervalMs = Number(process.env.VERIFY_INTERVAL || 5) * 1000;
+    if (!Number.isFinite(intervalMs) || intervalMs <= 0) throw new UserError(`VERIFY_INTERVAL: expected seconds > 0, found "${process.env.VERIFY_INTERVAL}"`);
     const read = (name: string) => readFileSync(join(outDir, pkiDir, name), 'utf8');
     const api = await apiClient(apiServerUrl(ctx), { ca: read('ca.crt'), cert: read('admin.crt'), key: read('admin.key') }, ctx.signal);
     const started = Date.now();
@@ -197,7 +199,7 @@ export const verifyStage: Stage = {
               'Next: make ssh NODE=' + culprit + ' and journalctl -b, or make down boot to start over.',
           );
         }
-        await sleep(Math.min(5000, Math.max(0, deadline - Date.now())), undefined, { signal: ctx.signal }).catch(() => undefined);
+        await sleep(Math.min(intervalMs, Math.max(0, deadline - Date.now())), undefined, { signal: ctx.signal }).catch(() => undefined);
       }
     } finally {
       if (state.smokeCreated) await api.delete(`/api/v1/namespaces/default/pods/${smokeName}`).catch(() => undefined);
