@@ -45,6 +45,18 @@ Options (Makefile variables in brackets):
   --out DIR, --cache DIR   where outputs and the download cache live (default out/, cache/)
   --renderer auto|simple|silent   progress display (auto: live on a terminal, lines in CI)`;
 
+/** cluster.yaml, or where none was written yet, the commented example (a 2-node cluster) with a note. */
+function defaultConfig(given: string | undefined): string {
+  if (given) return resolve(given);
+  const config = resolve(projectRoot, defaultConfigFile);
+  const example = resolve(projectRoot, 'cluster.example.yaml');
+  if (!existsSync(config) && existsSync(example)) {
+    process.stderr.write(`corekube: no ${defaultConfigFile}: using cluster.example.yaml (cp cluster.example.yaml ${defaultConfigFile} to change anything)\n`);
+    return example;
+  }
+  return config;
+}
+
 function number(value: string | undefined, name: string, fallback: number, min: number): number {
   if (value === undefined || value === '') return fallback;
   const n = Number(value);
@@ -92,7 +104,7 @@ async function main(argv: string[]): Promise<number> {
     return ExitCode.ok;
   }
   if (positionals[0] === 'ssh') {
-    const config = loadConfig(resolve(values.config ?? (env.CONFIG || resolve(projectRoot, defaultConfigFile))));
+    const config = loadConfig(defaultConfig(values.config ?? env.CONFIG));
     const name = positionals[1] ?? env.NODE;
     const node = config.nodes.find((n) => n.name === name);
     if (!node) throw new UserError(`ssh: expected a node of ${config.file} (${config.nodes.map((n) => n.name).join(', ')}), found ${name ? `"${name}"` : 'none'}: make ssh NODE=name`, ExitCode.usage);
@@ -106,7 +118,7 @@ async function main(argv: string[]): Promise<number> {
     root: projectRoot,
     outDir,
     cacheDir: resolve(values.cache ?? (env.CACHE_DIR || resolve(projectRoot, 'cache'))),
-    configFile: resolve(values.config ?? (env.CONFIG || resolve(projectRoot, defaultConfigFile))),
+    configFile: defaultConfig(values.config ?? env.CONFIG),
     lockFile: resolve(values.lock ?? (env.LOCK || resolve(projectRoot, defaultLockFile))),
     offline: values.offline || truthy(env.OFFLINE),
     force: values.force || truthy(env.FORCE),

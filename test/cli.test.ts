@@ -1,6 +1,6 @@
 // The command line as users and the Makefile call it: usage, unknown tasks, preflight
 // of system tools (`make deps`), exit codes.
-import { mkdirSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -24,7 +24,7 @@ test('--help lists every task and the variables', async () => {
 test('an unknown task is a usage error naming the known ones', async () => {
   const result = await runCli(['frobnicate']);
   assert.is(result.code, 2);
-  assert.match(result.stderr, /unknown task "frobnicate": the tasks are fetch/);
+  assert.match(result.stderr, /unknown task "frobnicate": the tasks are pin, fetch, images, pki, disk, ignition, boot, verify/);
 });
 
 test('deps names the missing tools with the install command for Debian/Ubuntu and Fedora', async () => {
@@ -60,4 +60,20 @@ test('a missing config file is a config error that says how to make one', async 
 });
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
+test('cluster with no lock yet pins first (shown by --dry-run), then builds from the lock pin writes', async () => {
+  const work = mkdtempSync(join(dir, 'nolock-'));
+  writeFileSync(join(work, 'key.pub'), 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGNvcmVrdWJldGVzdGtleQ test@corekube\n');
+  writeFileSync(join(work, 'cluster.yaml'), 'name: demo\nkubernetes: {version: v1.35.7}\nnodes:\n  - {name: cp1, role: control-plane, ip: 10.77.0.10}\nsshPublicKeyFile: key.pub\n');
+  const args = ['--config', join(work, 'cluster.yaml'), '--lock', join(work, 'corekube.lock.yaml'), '--out', join(work, 'out'), '--cache', join(work, 'cache')];
+  const result = await runCli(['cluster', '--dry-run', ...args]);
+  assert.is(result.code, 0, result.stderr);
+  assert.match(result.stdout, /no lock yet \(.*corekube\.lock\.yaml\): pinning from upstream first/);
+  assert.match(result.stdout, /pin/);
+  assert.match(result.stdout, /then, once pin has written the lock: fetch, images, pki, disk, ignition, boot, verify/);
+  // Offline there is no upstream to pin from: the missing lock is the error, saying how to make one.
+  const offline = await runCli(['cluster', '--offline', ...args]);
+  assert.is(offline.code, 3);
+  assert.match(offline.stderr, /no lock file.*make pin/s);
+});
+
 test.run();
