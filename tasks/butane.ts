@@ -5,11 +5,11 @@
 // butane's data URL choice (the shortest of percent-escaped, base64 and gzip+base64).
 // Anything outside the subset is refused with the field's path; the pinned butane
 // binary (make fetch) or BUTANE=/path/to/butane covers the rest.
-import { gzipSync, constants as zlib } from 'node:zlib';
 import { readFileSync, realpathSync } from 'node:fs';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import { parseDocument } from 'yaml';
 import { InputError, type FieldProblem } from './errors.ts';
+import { goGzipBestCompression } from './goflate.ts';
 
 export const butaneVariant = 'fcos';
 export const butaneVersion = '1.4.0';
@@ -304,15 +304,15 @@ export function dataUrlResource(contents: Buffer): Json {
 /**
  * butane's MakeDataURL: the shortest of `data:,<percent-escaped>`, `data:;base64,…`
  * and, when shorter still, gzip (best compression) + base64 with compression "gzip".
- * The gzip stream is zlib's, not Go's compress/flate: it decodes to the same bytes but
- * is not byte-identical to what butane would embed (see README, "Built-in translator").
+ * The gzip stream is Go's compress/gzip at BestCompression, byte for byte (goflate.ts),
+ * so the choice and the bytes are butane's.
  */
 export function makeDataUrl(contents: Buffer): { source: string; compression: '' | 'gzip' } {
   let source = `data:,${percentEscape(contents)}`;
   const base64 = `data:;base64,${contents.toString('base64')}`;
   if (base64.length < source.length) source = base64;
   // butane counts the longer compression field against gzip.
-  const gzipped = `data:;base64,${goGzip(contents).toString('base64')}`;
+  const gzipped = `data:;base64,${goGzipBestCompression(contents).toString('base64')}`;
   if (gzipped.length + 'gzip'.length < source.length) return { source: gzipped, compression: 'gzip' };
   return { source, compression: '' };
 }
@@ -324,13 +324,6 @@ export function percentEscape(contents: Buffer): string {
   return out;
 }
 const unreserved = Array.from({ length: 256 }, (_, byte) => /^[A-Za-z0-9\-_.!~*'()]$/.test(String.fromCharCode(byte)));
-
-/** gzip at best compression with Go's header: no name, mtime 0, OS "unknown" (255). */
-function goGzip(contents: Buffer): Buffer {
-  const gz = gzipSync(contents, { level: zlib.Z_BEST_COMPRESSION });
-  gz[9] = 255;
-  return gz;
-}
 
 /** JSON as Go's encoding/json (clarketm's fork) writes it: compact, empty fields omitted, <, >, &, U+2028/9, \b and \f as \u escapes. */
 export function goJson(value: Json): string {
