@@ -45,8 +45,11 @@ $(NPM_STAMP): package.json package-lock.json
 cluster: $(NPM_STAMP)
 	$(CLI) cluster
 
+# `make images disk` is one run of the CLI with both tasks (one start-up, one plan),
+# not one per goal: the first stage goal runs them all, the others have nothing to do.
+STAGE_GOALS := $(filter $(STAGES),$(MAKECMDGOALS))
 $(STAGES): $(NPM_STAMP)
-	$(CLI) $@
+	$(if $(filter $@,$(firstword $(STAGE_GOALS))),$(CLI) $(STAGE_GOALS),@:)
 
 bundle: $(NPM_STAMP)
 	$(CLI) bundle $(if $(FILE),--file "$(FILE)")

@@ -23,10 +23,9 @@ import { startFixtureServer, type FixtureServer } from '../test/fixtures/http-se
 import { startRegistry, type RegistryFixture } from '../test/fixtures/registry.ts';
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
 import { fixtureMirrors, makeWorkspace, projectImages, waitFor, type Workspace } from '../test/helpers.ts';
+import { median, seconds } from './measure.ts';
 
 const report = (line: string) => console.log(line);
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
-const seconds = (start: number) => (performance.now() - start) / 1000;
 const range = (values: number[]) => `${Math.min(...values).toFixed(1)}–${Math.max(...values).toFixed(1)}`;
 const load = () => loadavg().map((l) => l.toFixed(2)).join(' ');
 const rounds = Math.max(1, Number(process.env.BENCH_ROUNDS ?? 3));

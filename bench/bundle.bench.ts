@@ -14,13 +14,12 @@ import { artifactKeys } from '../tasks/lock.ts';
 import { ociLayoutFile, serializeIndex, withRef, type OciIndex } from '../tasks/oci.ts';
 import { listFiles, makeWorkspace } from '../test/helpers.ts';
 import type { UpstreamTree } from '../test/fixtures/upstream.ts';
+import { median, seconds } from './measure.ts';
 
 const run = promisify(execFile);
 const runs = Number(process.env.BENCH_RUNS ?? 3);
 const scale = Number(process.env.BENCH_SCALE ?? 1);
 const MiB = 1 << 20;
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
-const seconds = (start: number) => (performance.now() - start) / 1000;
 const hex = (bytes: Buffer | string) => createHash('sha256').update(bytes).digest('hex');
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-bundle-bench-'));

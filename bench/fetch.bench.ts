@@ -27,14 +27,8 @@ async function startServerProcess(root: string): Promise<{ url: string; close():
 }
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
 import { makeWorkspace, projectRoot, workspaceArgs } from '../test/helpers.ts';
+import { median, report, seconds } from './measure.ts';
 
-const results: string[] = [];
-const report = (line: string) => {
-  results.push(line);
-  console.log(line);
-};
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
-const seconds = (start: number) => (performance.now() - start) / 1000;
 // The fixture servers live in this process: children that talk to them must not block it.
 const run = promisify(execFile);
 const sizeGiB = Number(process.env.BENCH_GIB ?? 1);
