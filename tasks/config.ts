@@ -54,6 +54,8 @@ export function goArch(arch: Architecture): 'amd64' | 'arm64' {
 }
 
 export const defaultConfigFile = 'cluster.yaml';
+/** The oldest Kubernetes minor corekube builds: kubeadm v1beta4 configuration arrived in 1.31. */
+export const minimumKubernetesMinor = 31;
 
 export function loadConfig(file: string): ClusterConfig {
   let text: string;
@@ -111,6 +113,11 @@ export function parseConfig(file: string, text: string): ClusterConfig {
         kubernetesVersion,
       )
     : undefined;
+  // kubeadm's v1beta4 configuration (what the ignition stage writes) needs 1.31; 2.x minors would be a new API.
+  const minor = versionText ? /^v?1\.(\d+)/.exec(versionText)?.[1] : undefined;
+  if (versionText && (!minor || Number(minor) < minimumKubernetesMinor)) {
+    r.problem('kubernetes.version', `v1.${minimumKubernetesMinor} or later (corekube writes kubeadm's v1beta4 configuration)`, JSON.stringify(versionText));
+  }
 
   const netIn =
     root.network === undefined ? {} : r.object(root.network, 'network', ['nodeCidr', 'podCidr', 'serviceCidr']);

@@ -179,6 +179,18 @@ test('mirrors: download bases and registries', () => {
   problemAt(`${valid}mirrors:\n  registries:\n    registry.k8s.io: {location: "127.0.0.1:5000", insecure: yes please}\n`, 'mirrors.registries.registry.k8s.io.insecure');
 });
 
+test('a Kubernetes version older than kubeadm v1beta4 (1.31) is refused, naming the field', () => {
+  for (const old of ['v1.30.4', 'v1.29']) {
+    try {
+      parseConfig(configFile, valid.replace('version: v1.35.7', `version: ${old}`));
+      assert.unreachable(`${old} accepted`);
+    } catch (error) {
+      assert.match((error as Error).message, new RegExp(`kubernetes\\.version: expected v1\\.31 or later .*found "${old.replace(/\./g, '\\.')}"`));
+    }
+  }
+  assert.is(parseConfig(configFile, valid.replace('version: v1.35.7', 'version: v1.31.0')).kubernetes.version, 'v1.31.0');
+});
+
 test('a missing config file says how to make one', () => {
   try {
     loadConfig(join(dir, 'nope.yaml'));
