@@ -15,14 +15,14 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { runningQemu, stopCluster } from '../tasks/boot.ts';
+import { processRunning, runningQemu, stopCluster } from '../tasks/boot.ts';
 import { runStages, selectStages } from '../tasks/engine.ts';
 import { stages } from '../tasks/stages.ts';
-import { buildAppliance, readDone } from '../test/fixtures/appliance.ts';
+import { buildAppliance, consoleLog, readDone, standInEnv } from '../test/fixtures/appliance.ts';
 import { startFixtureServer, type FixtureServer } from '../test/fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from '../test/fixtures/registry.ts';
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
-import { fixtureMirrors, makeWorkspace, projectImages, waitFor, type Workspace } from '../test/helpers.ts';
+import { fixtureMirrors, lockEntry, makeWorkspace, projectImages, waitFor, type Workspace } from '../test/helpers.ts';
 import { median, seconds } from './measure.ts';
 
 const report = (line: string) => console.log(line);
@@ -47,21 +47,6 @@ const clusters: { label: string; nodes: string[]; names: string[]; ports: { apiS
   },
 ];
 
-/** Alive and not a zombie (a daemonized QEMU's parent may never reap it). */
-function alive(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
-  }
-}
-
-const logOf = (ws: Workspace, node: string) => {
-  const file = join(ws.outDir, 'logs', `${node}.log`);
-  return existsSync(file) ? readFileSync(file, 'utf8') : '';
-};
-
 const work = mkdtempSync(join(tmpdir(), 'corekube-bench-boot-'));
 let server: FixtureServer | undefined;
 let registry: RegistryFixture | undefined;
@@ -79,10 +64,8 @@ try {
   const listener = createServer((socket) => socket.end('reached\n'));
   probe = listener;
   await new Promise<void>((resolve) => listener.listen({ host: '127.0.0.1', port: 0 }, resolve));
-  process.env.COREKUBE_STANDIN_KERNEL = appliance.kernel;
-  process.env.COREKUBE_STANDIN_INITRD = appliance.initrd;
-  process.env.COREKUBE_STANDIN_APPEND = `quiet corekube.probe=10.0.2.2:${(listener.address() as { port: number }).port} corekube.outside=192.0.2.1:80 corekube.mode=poweroff`;
-  const images = registry.images.map((i) => (i.digest === i.storedDigest ? `${i.name}:${i.tag}@${i.digest}` : `{image: "${i.name}:${i.tag}@${i.digest}", layoutDigest: "${i.storedDigest}"}`));
+  Object.assign(process.env, standInEnv(appliance, { probePort: (listener.address() as { port: number }).port, mode: 'poweroff' }));
+  const images = registry.images.map((i) => lockEntry(i));
   console.log(`  (setup: appliance ${appliance.kernelRelease}, upstream tree, fixture registry in ${seconds(start).toFixed(1)} s)`);
 
   // The boot stage writes its TCG warning on stderr: keep it (and pass it through).
@@ -123,9 +106,9 @@ try {
           if (!pid) throw new Error(`${node}: no QEMU running right after the boot stage`);
           return pid;
         });
-        await waitFor(() => cluster.names.every((node) => readDone(logOf(ws, node)) === node), 600_000, `COREKUBE-DONE from ${cluster.names.join(', ')}`);
+        await waitFor(() => cluster.names.every((node) => readDone(consoleLog(ws.outDir, node)) === node), 600_000, `COREKUBE-DONE from ${cluster.names.join(', ')}`);
         const doneTime = seconds(start);
-        await waitFor(() => pids.every((pid) => !alive(pid)), 300_000, 'every QEMU to power off');
+        await waitFor(() => pids.every((pid) => !processRunning(pid)), 300_000, 'every QEMU to power off');
         const exitTime = seconds(start);
         stageTimes.push(stageTime);
         doneTimes.push(doneTime);

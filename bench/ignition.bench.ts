@@ -24,7 +24,7 @@ import { stages } from '../tasks/stages.ts';
 import { findOnPath } from '../tasks/tools.ts';
 import { startRegistry } from '../test/fixtures/registry.ts';
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
-import { cliPath, fixtureMirrors, makeWorkspace, projectImages, projectRoot, workspaceArgs, type Workspace } from '../test/helpers.ts';
+import { cliPath, fixtureMirrors, lockEntry, makeWorkspace, projectImages, projectRoot, workspaceArgs, type Workspace } from '../test/helpers.ts';
 import { median, seconds } from './measure.ts';
 
 const range = (values: number[]) => `${Math.min(...values).toFixed(3)}–${Math.max(...values).toFixed(3)}`;
@@ -46,9 +46,7 @@ try {
   let start = performance.now();
   const tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
   const registry = await startRegistry({ images: projectImages(version), work });
-  const images = registry.images.map((i) =>
-    i.digest === i.storedDigest ? `${i.name}:${i.tag}@${i.digest}` : `{image: "${i.name}:${i.tag}@${i.digest}", layoutDigest: "${i.storedDigest}"}`,
-  );
+  const images = registry.images.map((i) => lockEntry(i));
   const host = registry.host;
   await registry.close(); // pki and ignition never talk to a registry
   // Nothing listens on the mirrors: a stage that tried to fetch would fail loudly.

@@ -25,9 +25,9 @@ import { diskUuid, makeFilesystem, verifyDisk } from '../tasks/disk.ts';
 import { blobPath, imageBlobs, readIndex } from '../tasks/oci.ts';
 import { startContainerd } from '../test/fixtures/containerd.ts';
 import { startFixtureServer, type FixtureServer } from '../test/fixtures/http-server.ts';
-import { startRegistry, type ImageSpec, type RegistryFixture, type SeededImage } from '../test/fixtures/registry.ts';
+import { startRegistry, type ImageSpec, type RegistryFixture } from '../test/fixtures/registry.ts';
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
-import { cliPath, fixtureMirrors, makeWorkspace, projectImages, projectRoot, workspaceArgs, type Workspace } from '../test/helpers.ts';
+import { cliPath, fixtureMirrors, lockEntry, makeWorkspace, projectImages, projectRoot, workspaceArgs, type Workspace } from '../test/helpers.ts';
 import { mb, median, rate, report, seconds } from './measure.ts';
 
 // The fixture HTTP server lives in this process: children that talk to it must not block it.
@@ -56,12 +56,6 @@ const weightSum = wanted.reduce((sum, { name }) => sum + weights[name]!, 0);
 const sizeKiB = (name: string) => Math.max(4, Math.round(((weights[name]! / weightSum) * totalMB * 1e6) / 1024));
 const specs: ImageSpec[] = wanted.map(({ name, tag }) => ({ name, tag, sizeKiB: sizeKiB(name), ...(multiArch.has(name) ? { multiArch: true } : {}) }));
 
-/** How the lock writes a seeded image (as test/images.test.ts): both digests where the layout's differs. */
-function lockEntry(image: SeededImage): string {
-  const ref = `${image.name}:${image.tag}@${image.digest}`;
-  return image.storedDigest === image.digest ? ref : `{image: "${ref}", layoutDigest: "${image.storedDigest}"}`;
-}
-
 async function sha256File(path: string): Promise<string> {
   const hash = createHash('sha256');
   for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
@@ -89,7 +83,7 @@ try {
   const workspace = () => {
     const ws = makeWorkspace(tree, server.url, {
       registries: fixtureMirrors(reg.host),
-      images: reg.images.map(lockEntry),
+      images: reg.images.map((i) => lockEntry(i)),
     });
     workspaces.push(ws);
     return ws;

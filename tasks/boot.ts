@@ -1,7 +1,6 @@
 // boot: one QEMU process per node (FCOS with -snapshot, Ignition on fw_cfg, the image
 // disk read-only), a userspace switch (vde_switch) for the cluster network, no root, no
 // host bridge, nothing reachable off this machine. `down` stops it all; `ssh` logs in.
-import { spawn } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { createConnection, createServer } from 'node:net';
@@ -13,7 +12,7 @@ import { diskOutput } from './disk.ts';
 import { ignitionDir } from './ignition.ts';
 import { bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './qemu.ts';
 import type { RunContext, Stage } from './stage.ts';
-import { findOnPath } from './tools.ts';
+import { indentTail, runTool, ToolError } from './tool.ts';
 
 export const switchPidFile = join(runDir, 'switch.pid');
 
@@ -85,7 +84,7 @@ export const bootStage: Stage = {
     await writeFile(join(outDir, bootTimeFile), `${new Date().toISOString()}\n`);
     task.output = 'starting the cluster switch';
     const firstPaths = pathsFor(ctx, config.nodes[0]!);
-    await run(findOnPath('vde_switch') ?? 'vde_switch', ['-s', firstPaths.switchSocket, '-d', '-p', join(outDir, switchPidFile), '-m', '700'], 'vde_switch');
+    await startDaemon('vde_switch', ['-s', firstPaths.switchSocket, '-d', '-p', join(outDir, switchPidFile), '-m', '700'], 'vde_switch', ctx.signal);
     // vde_switch -d returns before its pid file and control socket exist.
     const ready = Date.now() + 10_000;
     while (!(existsSync(join(outDir, switchPidFile)) && existsSync(join(firstPaths.switchSocket, 'ctl')))) {
@@ -97,16 +96,15 @@ export const bootStage: Stage = {
         task.output = `starting ${node.name} (${accel})`;
         const paths = pathsFor(ctx, node);
         await rm(paths.log, { force: true });
-        const qemu = findOnPath('qemu-system-x86_64') ?? 'qemu-system-x86_64';
         try {
-          await run(qemu, qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`);
+          await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
         } catch (error) {
           // /dev/kvm can be there and still fail (nested virtualization without the MSRs
           // QEMU needs): unless KVM was asked for, fall back to TCG for every node.
           if (accel !== 'kvm' || process.env.COREKUBE_ACCEL === 'kvm' || !/kvm/i.test((error as Error).message)) throw error;
           accel = 'tcg';
           warnTcg(`KVM failed: ${(error as Error).message.split('\n')[1]?.trim() ?? 'see above'}`);
-          await run(qemu, qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`);
+          await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
         }
       }
     } catch (error) {
@@ -129,17 +127,14 @@ function warnTcg(why: string): void {
   process.stderr.write(`corekube: ${why}: the nodes run under TCG emulation, many times slower (minutes to boot FCOS)\n`);
 }
 
-function run(binary: string, args: string[], what: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(binary, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.on('error', (error) => reject(new UserError(`${what}: could not start ${binary}: ${error.message}`)));
-    child.on('close', (code) => {
-      if (code === 0) resolve();
-      else reject(new UserError(`${what} failed (exit ${code}):\n  ${stderr.trim().split('\n').join('\n  ')}\n  command: ${binary} ${args.join(' ')}`));
-    });
-  });
+/** A tool that daemonizes (vde_switch -d, qemu -daemonize): returns once its daemon runs. */
+async function startDaemon(tool: 'vde_switch' | 'qemu-system-x86_64', args: string[], what: string, signal: AbortSignal): Promise<void> {
+  try {
+    await runTool(tool, args, { signal });
+  } catch (error) {
+    if (!(error instanceof ToolError)) throw error;
+    throw new UserError(`${what} failed (exit ${error.exitCode ?? 'signal'}):\n${indentTail(error.stderr)}\n  command: ${tool} ${args.join(' ')}`);
+  }
 }
 
 /** Every published port must be free on 127.0.0.1 before anything starts. */
@@ -180,7 +175,7 @@ export function runningQemu(pidFile: string): number | undefined {
 }
 
 /** Alive and not a zombie (a daemonized QEMU's parent may never reap it). */
-function alive(pid: number): boolean {
+export function processRunning(pid: number): boolean {
   try {
     process.kill(pid, 0);
   } catch {
@@ -234,21 +229,21 @@ export async function stopCluster(outDir: string, options: { timeoutMs: number }
   if (options.timeoutMs > 0) await Promise.all(up.map((n) => powerButton(n.qmp)));
   const deadline = Date.now() + options.timeoutMs;
   for (const n of up) {
-    while (alive(n.pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
-    if (alive(n.pid)) {
+    while (processRunning(n.pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+    if (processRunning(n.pid)) {
       process.kill(n.pid, 'SIGKILL');
-      while (alive(n.pid)) await new Promise((r) => setTimeout(r, 50));
+      while (processRunning(n.pid)) await new Promise((r) => setTimeout(r, 50));
       report.killed.push(n.name);
     } else {
       report.poweredOff.push(n.name);
     }
   }
   const switchPid = readPid(join(outDir, switchPidFile));
-  if (switchPid && alive(switchPid) && readFileSync(`/proc/${switchPid}/cmdline`, 'utf8').includes('vde_switch')) {
+  if (switchPid && processRunning(switchPid) && readFileSync(`/proc/${switchPid}/cmdline`, 'utf8').includes('vde_switch')) {
     process.kill(switchPid, 'SIGTERM');
     const until = Date.now() + 5000;
-    while (alive(switchPid) && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
-    if (alive(switchPid)) process.kill(switchPid, 'SIGKILL');
+    while (processRunning(switchPid) && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    if (processRunning(switchPid)) process.kill(switchPid, 'SIGKILL');
   }
   // The boot stamp promised the pid files: with them gone, the next boot runs.
   await rm(join(outDir, runDir), { recursive: true, force: true });

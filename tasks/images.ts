@@ -11,7 +11,8 @@ import { chmod, link, mkdir, readdir, rename, rm, writeFile } from 'node:fs/prom
 import { join, relative } from 'node:path';
 import pLimit from 'p-limit';
 import { parseAllDocuments } from 'yaml';
-import { goArch, type ClusterConfig } from './config.ts';
+import type { Cache } from './cache.ts';
+import { goArch, type Architecture, type ClusterConfig } from './config.ts';
 import { OfflineError, UserError } from './errors.ts';
 import type { ImageRef, Lock } from './lock.ts';
 import {
@@ -120,35 +121,59 @@ export function sourceOf(image: ImageRef, config: ClusterConfig): { reference: s
   return { reference: `docker://${location}/${repository}@${image.digest}`, insecure: mirror?.insecure ?? false };
 }
 
-async function copyToStaging(ctx: RunContext, image: ImageRef, store: string, sub: StageTask): Promise<string> {
-  const staging = await ctx.cache.temporaryPath(`oci-${image.name.split('/').pop()}`);
-  try {
-    // Blobs already in the store: skopeo sees them in the destination and skips them.
-    const known = join(store, 'blobs', 'sha256');
-    await mkdir(join(staging, 'blobs', 'sha256'), { recursive: true });
-    for (const name of existsSync(known) ? await readdir(known) : []) await link(join(known, name), join(staging, 'blobs', 'sha256', name));
+/**
+ * A staging layout under cache/tmp, seeded with hardlinks of the store's blobs: skopeo
+ * sees them in the destination and skips them. The caller removes it.
+ */
+export async function seededStagingLayout(cache: Cache, store: string, label: string): Promise<string> {
+  const staging = await cache.temporaryPath(label);
+  const known = join(store, 'blobs', 'sha256');
+  await mkdir(join(staging, 'blobs', 'sha256'), { recursive: true });
+  for (const name of existsSync(known) ? await readdir(known) : []) await link(join(known, name), join(staging, 'blobs', 'sha256', name));
+  return staging;
+}
 
+/** skopeo copy of one image, the cluster's architecture only, into `oci:LAYOUT:REF`; a failure is a ToolError. */
+export async function skopeoCopy(options: { reference: string; layout: string; ref: string; arch: Architecture; retries: number; insecure: boolean; signal: AbortSignal }): Promise<void> {
+  await runTool(
+    'skopeo',
+    [
+      // Trust comes from the digest pinned in the lock, which skopeo verifies on pull;
+      // the host's signature policy must neither loosen nor change that.
+      '--insecure-policy',
+      '--override-os',
+      'linux',
+      '--override-arch',
+      goArch(options.arch),
+      'copy',
+      `--retry-times=${options.retries}`,
+      `--src-tls-verify=${!options.insecure}`,
+      options.reference,
+      `oci:${options.layout}:${options.ref}`,
+    ],
+    { signal: options.signal },
+  );
+}
+
+/** Moves blobs from a verified staging layout into the store, read-only; blobs it has stay as they are. */
+export async function moveBlobsIntoStore(staging: string, store: string, blobs: Iterable<string>): Promise<void> {
+  await mkdir(join(store, 'blobs', 'sha256'), { recursive: true });
+  if (!existsSync(join(store, 'oci-layout'))) await writeFile(join(store, 'oci-layout'), ociLayoutFile);
+  for (const blob of blobs) {
+    const target = blobPath(store, blob);
+    if (existsSync(target)) continue;
+    await chmod(blobPath(staging, blob), 0o444);
+    await rename(blobPath(staging, blob), target);
+  }
+}
+
+async function copyToStaging(ctx: RunContext, image: ImageRef, store: string, sub: StageTask): Promise<string> {
+  const staging = await seededStagingLayout(ctx.cache, store, `oci-${image.name.split('/').pop()}`);
+  try {
     const { reference, insecure } = sourceOf(image, ctx.config);
     sub.output = `skopeo copy ${reference}`;
     const retries = ctx.settings.http.retries;
-    await runTool(
-      'skopeo',
-      [
-        // Trust comes from the digest pinned in the lock, which skopeo verifies on pull;
-        // the host's signature policy must neither loosen nor change that.
-        '--insecure-policy',
-        '--override-os',
-        'linux',
-        '--override-arch',
-        goArch(ctx.lock.fcos.arch),
-        'copy',
-        `--retry-times=${retries}`,
-        `--src-tls-verify=${!insecure}`,
-        reference,
-        `oci:${staging}:${refName(image)}`,
-      ],
-      { signal: ctx.signal },
-    ).catch((error: unknown) => {
+    await skopeoCopy({ reference, layout: staging, ref: refName(image), arch: ctx.lock.fcos.arch, retries, insecure, signal: ctx.signal }).catch((error: unknown) => {
       if (!(error instanceof ToolError)) throw error;
       throw new UserError(
         `image ${image.text}: skopeo could not copy it from ${reference}` +
@@ -183,15 +208,8 @@ async function copyToStaging(ctx: RunContext, image: ImageRef, store: string, su
 /** Moves a verified staging layout's new blobs into the store, then points the ref at it. */
 async function mergeIntoStore(staging: string, store: string, image: ImageRef): Promise<void> {
   try {
-    await mkdir(join(store, 'blobs', 'sha256'), { recursive: true });
-    for (const blob of imageBlobs(staging, image.layoutDigest)) {
-      const target = blobPath(store, blob);
-      if (existsSync(target)) continue;
-      await chmod(blobPath(staging, blob), 0o444);
-      await rename(blobPath(staging, blob), target);
-    }
+    await moveBlobsIntoStore(staging, store, imageBlobs(staging, image.layoutDigest));
     const descriptor = findRef(readIndex(staging), refName(image))!;
-    if (!existsSync(join(store, 'oci-layout'))) await writeFile(join(store, 'oci-layout'), ociLayoutFile);
     await replaceFile(join(store, 'index.json'), serializeIndex(withRef(readIndex(store), refName(image), descriptor)));
   } finally {
     await rm(staging, { recursive: true, force: true });

@@ -92,52 +92,43 @@ export function containerdMajor(lock: Lock): number {
  * containerd 2.x, version 2 for 1.x.
  */
 export function renderContainerdConfig(lock: Lock): string {
-  const runcOptions = { BinaryName: '/usr/local/bin/runc', SystemdCgroup: true };
   const cni = { bin_dir: '/opt/cni/bin', conf_dir: '/etc/cni/net.d' };
-  let config: TomlTable;
-  if (containerdMajor(lock) >= 2) {
-    config = {
-      version: 3,
-      root: '/var/lib/containerd',
-      state: '/run/containerd',
-      grpc: { address: '/run/containerd/containerd.sock' },
-      plugins: {
-        'io.containerd.cri.v1.images': {
-          snapshotter: 'overlayfs',
-          // Offline: every image comes from the image disk, none is ever pulled.
-          pinned_images: { sandbox: sandboxImage(lock) },
-        },
-        'io.containerd.cri.v1.runtime': {
-          enable_selinux: true,
-          // containerd 2 takes a list of plugin directories (bin_dir is deprecated).
-          cni: { bin_dirs: [cni.bin_dir], conf_dir: cni.conf_dir },
-          containerd: {
-            default_runtime_name: 'runc',
-            runtimes: { runc: { runtime_type: 'io.containerd.runc.v2', options: runcOptions } },
+  const daemon = { root: '/var/lib/containerd', state: '/run/containerd', grpc: { address: '/run/containerd/containerd.sock' } };
+  const runtimes = {
+    default_runtime_name: 'runc',
+    runtimes: { runc: { runtime_type: 'io.containerd.runc.v2', options: { BinaryName: '/usr/local/bin/runc', SystemdCgroup: true } } },
+  };
+  const config: TomlTable =
+    containerdMajor(lock) >= 2
+      ? {
+          version: 3,
+          ...daemon,
+          plugins: {
+            'io.containerd.cri.v1.images': {
+              snapshotter: 'overlayfs',
+              // Offline: every image comes from the image disk, none is ever pulled.
+              pinned_images: { sandbox: sandboxImage(lock) },
+            },
+            'io.containerd.cri.v1.runtime': {
+              enable_selinux: true,
+              // containerd 2 takes a list of plugin directories (bin_dir is deprecated).
+              cni: { bin_dirs: [cni.bin_dir], conf_dir: cni.conf_dir },
+              containerd: runtimes,
+            },
           },
-        },
-      },
-    };
-  } else {
-    config = {
-      version: 2,
-      root: '/var/lib/containerd',
-      state: '/run/containerd',
-      grpc: { address: '/run/containerd/containerd.sock' },
-      plugins: {
-        'io.containerd.grpc.v1.cri': {
-          sandbox_image: sandboxImage(lock),
-          enable_selinux: true,
-          cni,
-          containerd: {
-            snapshotter: 'overlayfs',
-            default_runtime_name: 'runc',
-            runtimes: { runc: { runtime_type: 'io.containerd.runc.v2', options: runcOptions } },
+        }
+      : {
+          version: 2,
+          ...daemon,
+          plugins: {
+            'io.containerd.grpc.v1.cri': {
+              sandbox_image: sandboxImage(lock),
+              enable_selinux: true,
+              cni,
+              containerd: { snapshotter: 'overlayfs', ...runtimes },
+            },
           },
-        },
-      },
-    };
-  }
+        };
   return `# corekube: the whole containerd configuration (generated from cluster.yaml and the lock)\n${stringifyToml(config)}`;
 }
 

@@ -16,8 +16,8 @@
 // will get from the same skopeo. The blobs such a copy fetched go into cache/oci, so
 // `make images` does not fetch them again.
 import { execFile } from 'node:child_process';
-import { createWriteStream, existsSync, readFileSync } from 'node:fs';
-import { chmod, copyFile, link, mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { createWriteStream, readFileSync } from 'node:fs';
+import { chmod, copyFile, readdir, rm } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -29,13 +29,12 @@ import { downloadChunks, DownloadError, type DownloadOptions } from './download.
 import { writeAtomically } from './engine.ts';
 import { ExitCode, InputError, isAbortError, OfflineError, UserError } from './errors.ts';
 import { writeXzDecompressed } from './fetch.ts';
-import { Reader, sha256Pattern } from './fields.ts';
-import { kubeadmImages, readManifestImages, storeDir, type ManifestImage } from './images.ts';
+import { kubeadmImages, moveBlobsIntoStore, readManifestImages, seededStagingLayout, skopeoCopy, storeDir, type ManifestImage } from './images.ts';
 import { artifactKeys, checkLockMatchesConfig, lockVersion, parseLock, type Artifact, type ArtifactKey, type ImageRef, type Lock } from './lock.ts';
-import { blobPath, findRef, ociLayoutFile, parseReference, readIndex, sha256Of, splitName } from './oci.ts';
+import { findRef, parseReference, readIndex, sha256Of, splitName } from './oci.ts';
 import type { RunContext, Stage } from './stage.ts';
 import { indentTail, runTool, ToolError } from './tool.ts';
-import { parseChecksumFile, parseFcosStream, type FcosDisk } from './upstream.ts';
+import { parseChecksumFile, parseFcosRelease, parseFcosReleaseIndex, parseFcosStream, streamArchitectures, type FcosDisk } from './upstream.ts';
 
 // ---- what to pin ------------------------------------------------------------------------
 
@@ -141,86 +140,6 @@ export function artifactSources(arch: Architecture, kubernetesVersion: string, c
 }
 
 // ---- upstream documents, parsed (pure) -----------------------------------------------------
-
-export interface FcosReleaseEntry {
-  version: string;
-  /** URL of the release's metadata (release.json), as the index gives it. */
-  metadata?: string;
-  /** Architectures the release was built for (from its commits); empty when the index does not say. */
-  architectures: string[];
-}
-
-const fcosReleasePattern = /^\d+\.\d{8}\.\d+\.\d+$/;
-
-/** The release index `prod/streams/STREAM/releases.json`: every release, oldest first. */
-export function parseFcosReleaseIndex(source: string, json: unknown): FcosReleaseEntry[] {
-  const r = new Reader(source);
-  const root = r.map(json, '');
-  const list = root ? r.list(root.releases, 'releases', 'a list of releases') : undefined;
-  const entries: FcosReleaseEntry[] = [];
-  list?.forEach((item, index) => {
-    const path = `releases[${index}]`;
-    const entry = r.map(item, path);
-    if (!entry) return;
-    const version = r.string(entry.version, `${path}.version`, 'an FCOS release', fcosReleasePattern);
-    const metadata = entry.metadata === undefined ? undefined : r.string(entry.metadata, `${path}.metadata`, 'a URL', /^https?:\/\/\S+$/);
-    const architectures: string[] = [];
-    if (Array.isArray(entry.commits)) {
-      for (const commit of entry.commits) {
-        const a = (commit as { architecture?: unknown } | null)?.architecture;
-        if (typeof a === 'string') architectures.push(a);
-      }
-    }
-    if (version) entries.push({ version, ...(metadata ? { metadata } : {}), architectures });
-  });
-  r.check();
-  return entries;
-}
-
-/**
- * One release's metadata (`…/builds/RELEASE/release.json`): the qemu qcow2.xz disk at
- * `.architectures.ARCH.media.qemu.artifacts["qcow2.xz"].disk`.
- */
-export function parseFcosRelease(source: string, json: unknown, arch: Architecture): FcosDisk {
-  const r = new Reader(source);
-  const root = r.map(json, '');
-  const release = root ? r.string(root.release, 'release', 'an FCOS release', fcosReleasePattern) : undefined;
-  const architectures = root ? r.map(root.architectures, 'architectures') : undefined;
-  if (architectures && architectures[arch] === undefined) {
-    throw new InputError(source, [
-      { path: `architectures.${arch}`, expected: `the architecture ${arch}`, found: `only ${Object.keys(architectures).join(', ') || 'none'}` },
-    ]);
-  }
-  const archEntry = architectures ? r.map(architectures[arch], `architectures.${arch}`) : undefined;
-  const mediaPath = `architectures.${arch}.media`;
-  const media = archEntry ? r.map(archEntry.media, mediaPath) : undefined;
-  const qemu = media ? r.map(media.qemu, `${mediaPath}.qemu`) : undefined;
-  const artifacts = qemu ? r.map(qemu.artifacts, `${mediaPath}.qemu.artifacts`) : undefined;
-  const format = artifacts ? r.map(artifacts['qcow2.xz'], `${mediaPath}.qemu.artifacts["qcow2.xz"]`) : undefined;
-  const diskPath = `${mediaPath}.qemu.artifacts["qcow2.xz"].disk`;
-  const disk = format ? r.map(format.disk, diskPath) : undefined;
-  const location = disk ? r.string(disk.location, `${diskPath}.location`, 'an https URL ending in .qcow2.xz', /^https?:\/\/\S+\.qcow2\.xz$/) : undefined;
-  const sha256 = disk ? r.string(disk.sha256, `${diskPath}.sha256`, '64 lowercase hex digits', sha256Pattern) : undefined;
-  const signature = disk?.signature === undefined ? undefined : r.string(disk.signature, `${diskPath}.signature`, 'a URL');
-  const uncompressed =
-    disk?.['uncompressed-sha256'] === undefined
-      ? undefined
-      : r.string(disk['uncompressed-sha256'], `${diskPath}["uncompressed-sha256"]`, '64 lowercase hex digits', sha256Pattern);
-  r.check();
-  return {
-    release: release!,
-    location: location!,
-    sha256: sha256!,
-    ...(signature ? { signature } : {}),
-    ...(uncompressed ? { uncompressedSha256: uncompressed } : {}),
-  };
-}
-
-/** The architectures an FCOS stream document offers (`.architectures` keys), or undefined if it has none. */
-export function streamArchitectures(json: unknown): string[] | undefined {
-  const archs = (json as { architectures?: unknown } | null)?.architectures;
-  return archs !== null && typeof archs === 'object' && !Array.isArray(archs) ? Object.keys(archs) : undefined;
-}
 
 /** For a minor like "v1.35": the version marker path under dl.k8s.io; undefined for an exact release. */
 export function kubernetesMarkerPath(requested: string): string | undefined {
@@ -770,41 +689,17 @@ async function resolveImage(s: Session, wanted: WantedImage): Promise<ImageRef> 
  */
 async function copiedLayoutDigest(s: Session, ref: string, reference: string, insecure: boolean, host: string): Promise<string> {
   const store = storeDir(s.ctx);
-  const staging = await s.cache.temporaryPath(`pin-oci-${ref.split('/').pop()}`);
+  const staging = await seededStagingLayout(s.cache, store, `pin-oci-${ref.split('/').pop()}`);
   try {
-    const known = join(store, 'blobs', 'sha256');
-    await mkdir(join(staging, 'blobs', 'sha256'), { recursive: true });
-    for (const name of existsSync(known) ? await readdir(known) : []) await link(join(known, name), join(staging, 'blobs', 'sha256', name));
     s.progress(`skopeo copy ${reference} (to learn its OCI layout digest)`);
-    await runTool(
-      'skopeo',
-      [
-        '--insecure-policy',
-        '--override-os',
-        'linux',
-        '--override-arch',
-        goArch(s.config.fcos.arch),
-        'copy',
-        `--retry-times=${s.ctx.settings.http.retries}`,
-        `--src-tls-verify=${!insecure}`,
-        reference,
-        `oci:${staging}:${ref}`,
-      ],
-      { signal: s.signal },
-    ).catch((error: unknown) => {
+    await skopeoCopy({ reference, layout: staging, ref, arch: s.config.fcos.arch, retries: s.ctx.settings.http.retries, insecure, signal: s.signal }).catch((error: unknown) => {
       throw skopeoFailure(ref, reference, error, insecure, host);
     });
     const descriptor = findRef(readIndex(staging), ref);
     if (!descriptor) throw new UserError(`pin: image ${ref}: skopeo copied ${reference} but left no manifest for it`);
     // Content-addressed and verified by skopeo: keep what was fetched for the images stage.
-    await mkdir(known, { recursive: true });
-    if (!existsSync(join(store, 'oci-layout'))) await writeFile(join(store, 'oci-layout'), ociLayoutFile);
-    for (const name of await readdir(join(staging, 'blobs', 'sha256'))) {
-      const target = blobPath(store, `sha256:${name}`);
-      if (existsSync(target)) continue;
-      await chmod(join(staging, 'blobs', 'sha256', name), 0o444);
-      await rename(join(staging, 'blobs', 'sha256', name), target);
-    }
+    const fetched = (await readdir(join(staging, 'blobs', 'sha256'))).map((name) => `sha256:${name}`);
+    await moveBlobsIntoStore(staging, store, fetched);
     return descriptor.digest;
   } finally {
     await rm(staging, { recursive: true, force: true });

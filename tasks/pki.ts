@@ -10,6 +10,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
+import type { ClusterConfig } from './config.ts';
 import { UserError } from './errors.ts';
 import type { RunContext, Stage } from './stage.ts';
 import { runTool } from './tool.ts';
@@ -42,7 +43,7 @@ export const pkiStage: Stage = {
   inputs(ctx) {
     return {
       cluster: ctx.config.name,
-      server: apiServerUrl(ctx),
+      server: apiServerUrl(ctx.config),
     };
   },
   expired(ctx, now) {
@@ -69,7 +70,7 @@ export const pkiStage: Stage = {
     await writeFile(join(dir, files.caHash), `${caCertHash(caPem)}\n`);
     const kubeconfig = renderKubeconfig({
       cluster: ctx.config.name,
-      server: apiServerUrl(ctx),
+      server: apiServerUrl(ctx.config),
       caPem,
       certPem: readFileSync(join(dir, files.adminCert), 'utf8'),
       keyPem: readFileSync(join(dir, files.adminKey), 'utf8'),
@@ -78,8 +79,8 @@ export const pkiStage: Stage = {
   },
 };
 
-export function apiServerUrl(ctx: RunContext): string {
-  return `https://127.0.0.1:${ctx.config.hostPorts.apiServer}`;
+export function apiServerUrl(config: ClusterConfig): string {
+  return `https://127.0.0.1:${config.hostPorts.apiServer}`;
 }
 
 /** A secret lands whole and 0600, or not at all. */

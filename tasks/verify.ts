@@ -120,7 +120,7 @@ export async function checkCluster(api: ApiClient, config: ClusterConfig, lock: 
   try {
     ready = await api.get('/readyz');
   } catch (error) {
-    return [{ name: 'API server', ok: false, detail: `no answer on https://127.0.0.1:${config.hostPorts.apiServer}: ${(error as Error).message}`, node: controlPlane }];
+    return [{ name: 'API server', ok: false, detail: `no answer on ${apiServerUrl(config)}: ${(error as Error).message}`, node: controlPlane }];
   }
   if (ready.status !== 200) return [{ name: 'API server', ok: false, detail: `/readyz answered ${ready.status}: ${ready.body.trim().split('\n').slice(-3).join('; ')}`, node: controlPlane }];
   const results: CheckResult[] = [{ name: 'API server', ok: true, detail: '/readyz ok' }];
@@ -177,7 +177,7 @@ export const verifyStage: Stage = {
     const intervalMs = Number(process.env.VERIFY_INTERVAL || 5) * 1000;
     if (!Number.isFinite(intervalMs) || intervalMs <= 0) throw new UserError(`VERIFY_INTERVAL: expected seconds > 0, found "${process.env.VERIFY_INTERVAL}"`);
     const read = (name: string) => readFileSync(join(outDir, pkiDir, name), 'utf8');
-    const api = await apiClient(apiServerUrl(ctx), { ca: read('ca.crt'), cert: read('admin.crt'), key: read('admin.key') }, ctx.signal);
+    const api = await apiClient(apiServerUrl(ctx.config), { ca: read('ca.crt'), cert: read('admin.crt'), key: read('admin.key') }, ctx.signal);
     const started = Date.now();
     const deadline = started + timeoutSeconds * 1000;
     const smokeName = `corekube-smoke-${randomBytes(3).toString('hex')}`;

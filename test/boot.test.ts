@@ -12,16 +12,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { runningQemu, stopCluster, switchPidFile } from '../tasks/boot.ts';
+import { processRunning, runningQemu, stopCluster, switchPidFile } from '../tasks/boot.ts';
 import { runStages, selectStages } from '../tasks/engine.ts';
 import { sshPort } from '../tasks/qemu.ts';
 import { stages } from '../tasks/stages.ts';
 import { verifyStage } from '../tasks/verify.ts';
-import { buildAppliance, readChecks, readDone, type Appliance } from './fixtures/appliance.ts';
+import { buildAppliance, consoleLog, readChecks, readDone, standInEnv, type Appliance } from './fixtures/appliance.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, loud, makeWorkspace, projectImages, runCli, waitFor, workspaceArgs, type Workspace } from './helpers.ts';
+import { fixtureMirrors, lockEntry, loud, makeWorkspace, projectImages, runCli, waitFor, workspaceArgs, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-boot-'));
 const version = 'v1.35.7';
@@ -61,7 +61,7 @@ function workspace(nodes: string[], ports: { apiServer: number; sshBase: number 
   const ws = makeWorkspace(tree, server.url, {
     nodes,
     registries: fixtureMirrors(registry.host),
-    images: registry.images.map((i) => (i.digest === i.storedDigest ? `${i.name}:${i.tag}@${i.digest}` : `{image: "${i.name}:${i.tag}@${i.digest}", layoutDigest: "${i.storedDigest}"}`)),
+    images: registry.images.map((i) => lockEntry(i)),
     extraConfig: [`hostPorts: {apiServer: ${ports.apiServer}, sshBase: ${ports.sshBase}}`],
   });
   workspaces.push(ws);
@@ -69,14 +69,12 @@ function workspace(nodes: string[], ports: { apiServer: number; sshBase: number 
 }
 
 function standIn(mode: 'poweroff' | 'stay' | 'acpi') {
-  process.env.COREKUBE_STANDIN_KERNEL = appliance.kernel;
-  process.env.COREKUBE_STANDIN_INITRD = appliance.initrd;
-  process.env.COREKUBE_STANDIN_APPEND = `quiet corekube.probe=10.0.2.2:${(probe.address() as { port: number }).port} corekube.outside=192.0.2.1:80 corekube.mode=${mode}`;
+  Object.assign(process.env, standInEnv(appliance, { probePort: (probe.address() as { port: number }).port, mode }));
 }
 
 // boot with what it needs: fetch, images, pki, disk, ignition (fresh ones are skipped).
 const boot = (ws: Workspace) => runStages(ws.context({ http: { retries: 1, stallTimeoutMs: 2000, backoffMs: 20 } }), selectStages(stages, ['boot']), { renderer: 'silent' });
-const log = (ws: Workspace, node: string) => (existsSync(join(ws.outDir, 'logs', `${node}.log`)) ? readFileSync(join(ws.outDir, 'logs', `${node}.log`), 'utf8') : '');
+const log = (ws: Workspace, node: string) => consoleLog(ws.outDir, node);
 const sha256 = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
 const pidOf = (ws: Workspace, node: string) => runningQemu(join(ws.outDir, 'run', `${node}.pid`));
 
@@ -90,16 +88,6 @@ function banner(port: number): Promise<string> {
     socket.on('close', () => resolve(text));
     socket.on('error', reject);
   });
-}
-
-/** Running, not a zombie: daemonized processes whose parent never reaps them linger as Z. */
-function running(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
-  }
 }
 
 function processesOf(ws: Workspace): string[] {
@@ -171,7 +159,7 @@ test('make down: a node that ignores the power button is killed after the timeou
   assert.is(result.code, 0, result.stderr);
   assert.match(result.stdout, /killed cp1, w1 \(still up after 2s\)/);
   assert.equal(processesOf(pair), []);
-  assert.not.ok(running(switchPid), 'the switch is gone');
+  assert.not.ok(processRunning(switchPid), 'the switch is gone');
   assert.not.ok(existsSync(join(pair.outDir, 'run')));
   const again = await runCli(['down', ...workspaceArgs(pair)]);
   assert.match(again.stdout, /no node was running/);

@@ -24,7 +24,7 @@ import { pkiStage } from '../tasks/pki.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, listFiles, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
+import { fixtureMirrors, listFiles, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-bundle-'));
 const version = 'v1.35.7';
@@ -53,7 +53,7 @@ test.after(async () => {
 function workspace(options: WorkspaceOptions = {}): Workspace {
   const ws = makeWorkspace(tree, server.url, {
     registries: fixtureMirrors(registry.host),
-    images: registry.images.map((i) => (i.digest === i.storedDigest ? `${i.name}:${i.tag}@${i.digest}` : `{image: "${i.name}:${i.tag}@${i.digest}", layoutDigest: "${i.storedDigest}"}`)),
+    images: registry.images.map((i) => lockEntry(i)),
     ...options,
   });
   workspaces.push(ws);

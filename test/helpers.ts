@@ -9,6 +9,7 @@ import { kubeadmImages, readManifestImages } from '../tasks/images.ts';
 import { artifactKeys } from '../tasks/lock.ts';
 import { parseReference } from '../tasks/oci.ts';
 import { RunContext, type RunSettings } from '../tasks/stage.ts';
+import type { SeededImage } from './fixtures/registry.ts';
 import type { UpstreamTree } from './fixtures/upstream.ts';
 
 export const projectRoot = resolve(import.meta.dirname, '..');
@@ -176,4 +177,12 @@ export function projectImages(version: string): { name: string; tag: string }[] 
 /** mirrors.registries pointing every upstream registry at its path on the fixture registry. */
 export function fixtureMirrors(registryHost: string): Record<string, string> {
   return Object.fromEntries(['registry.k8s.io', 'docker.io', 'ghcr.io', 'quay.io'].map((host) => [host, `${registryHost}/${host}`]));
+}
+
+/** How the lock writes a seeded image: both digests where the layout's differs. */
+export function lockEntry(image: SeededImage, overrides: { digest?: string; layoutDigest?: string } = {}): string {
+  const digest = overrides.digest ?? image.digest;
+  const layoutDigest = overrides.layoutDigest ?? image.storedDigest;
+  const ref = `${image.name}:${image.tag}@${digest}`;
+  return layoutDigest === digest ? ref : `{image: "${ref}", layoutDigest: "${layoutDigest}"}`;
 }

@@ -17,7 +17,7 @@ import { startContainerd } from './fixtures/containerd.ts';
 import { applyIgnition } from './fixtures/ignition.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, listFiles, loud, makeWorkspace, projectImages, projectRoot, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
+import { fixtureMirrors, listFiles, lockEntry, loud, makeWorkspace, projectImages, projectRoot, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-ignition-'));
 const version = 'v1.35.7';
@@ -48,7 +48,7 @@ function workspace(options: WorkspaceOptions = {}): Workspace {
   const ws = makeWorkspace(tree, 'http://127.0.0.1:9', {
     nodes: threeNodes,
     registries: fixtureMirrors(registry.host),
-    images: registry.images.map((i) => (i.digest === i.storedDigest ? `${i.name}:${i.tag}@${i.digest}` : `{image: "${i.name}:${i.tag}@${i.digest}", layoutDigest: "${i.storedDigest}"}`)),
+    images: registry.images.map((i) => lockEntry(i)),
     ...options,
   });
   workspaces.push(ws);

@@ -15,7 +15,7 @@ import { findRef, readIndex, refOf } from '../tasks/oci.ts';
 import { startContainerd, type ContainerdFixture } from './fixtures/containerd.ts';
 import { startRegistry, type RegistryFixture, type SeededImage } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace, type WorkspaceOptions } from './helpers.ts';
+import { fixtureMirrors, lockEntry, loud, makeWorkspace, projectImages, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-images-'));
 const version = 'v1.35.7';
@@ -38,14 +38,6 @@ test.after(async () => {
   for (const ws of workspaces) rmSync(ws.dir, { recursive: true, force: true });
   rmSync(work, { recursive: true, force: true });
 });
-
-/** How the lock writes a seeded image: both digests where the layout's differs. */
-export function lockEntry(image: SeededImage, overrides: { digest?: string; layoutDigest?: string } = {}): string {
-  const digest = overrides.digest ?? image.digest;
-  const layoutDigest = overrides.layoutDigest ?? image.storedDigest;
-  const ref = `${image.name}:${image.tag}@${digest}`;
-  return layoutDigest === digest ? ref : `{image: "${ref}", layoutDigest: "${layoutDigest}"}`;
-}
 
 function workspace(options: WorkspaceOptions = {}): Workspace {
   const ws = makeWorkspace(tree, 'http://127.0.0.1:9', {

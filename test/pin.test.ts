@@ -14,13 +14,12 @@ import { OfflineError, UserError } from '../tasks/errors.ts';
 import { fetchStage } from '../tasks/fetch.ts';
 import { imagesStage } from '../tasks/images.ts';
 import { artifactKeys, parseLock, type Lock } from '../tasks/lock.ts';
+import { parseFcosRelease, parseFcosReleaseIndex } from '../tasks/upstream.ts';
 import {
   artifactSources,
   diffLocks,
   kubernetesMarkerPath,
   layoutChoice,
-  parseFcosRelease,
-  parseFcosReleaseIndex,
   parseKubeadmImageList,
   parseVersionMarker,
   pin,
