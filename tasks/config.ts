@@ -10,6 +10,9 @@ import { cidrsOverlap, isHostAddress, parseCidr, parseIPv4, type Cidr } from './
 export const fcosStreams = ['stable', 'testing', 'next'] as const;
 export const architectures = ['x86_64', 'aarch64'] as const;
 export const nodeRoles = ['control-plane', 'worker'] as const;
+/** Where the nodes run: local QEMU VMs (the default) or servers on an OpenStack cloud. */
+export const targets = ['qemu', 'openstack'] as const;
+export type Target = (typeof targets)[number];
 export type Architecture = (typeof architectures)[number];
 export type NodeRole = (typeof nodeRoles)[number];
 
@@ -34,9 +37,32 @@ export interface RegistryMirror {
   insecure: boolean;
 }
 
+/**
+ * The `openstack:` section: where on the cloud the cluster goes. Credentials never live
+ * here: the cloud is a clouds.yaml entry (or OS_CLOUD), read by the openstack client.
+ */
+export interface OpenstackConfig {
+  /** The clouds.yaml entry; undefined: OS_CLOUD at run time. */
+  cloud?: string;
+  /** An existing network (name or ID) with a subnet for network.nodeCidr; undefined: corekube creates NAME-net and NAME-subnet. */
+  network?: string;
+  flavors: Record<NodeRole, string>;
+  availabilityZone?: string;
+  /** SSH (22) and the API server (6443) are open from this range only; everything else only inside the cluster network. */
+  adminCidr: Cidr;
+  /** A floating IP for the API server, from this external network; `address`: an existing one (put into the API server's certificate). */
+  floatingIp?: { network: string; address?: string };
+  /** Cinder volume type for the per-node image disk volumes; undefined: the cloud's default. */
+  volumeType?: string;
+}
+
 export interface ClusterConfig {
   file: string;
   name: string;
+  /** Where the nodes run (`target`, or TARGET=/--target, which wins). */
+  target: Target;
+  /** Present when cluster.yaml has an `openstack:` section (required for target openstack). */
+  openstack?: OpenstackConfig;
   fcos: { stream: (typeof fcosStreams)[number]; arch: Architecture; release?: string };
   kubernetes: { version: string };
   network: { nodeCidr: Cidr; podCidr: Cidr; serviceCidr: Cidr };
@@ -57,7 +83,7 @@ export const defaultConfigFile = 'cluster.yaml';
 /** The oldest Kubernetes minor corekube builds: kubeadm v1beta4 configuration arrived in 1.31. */
 export const minimumKubernetesMinor = 31;
 
-export function loadConfig(file: string): ClusterConfig {
+export function loadConfig(file: string, options: { target?: Target } = {}): ClusterConfig {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');
@@ -70,7 +96,7 @@ export function loadConfig(file: string): ClusterConfig {
       ExitCode.config,
     );
   }
-  return parseConfig(file, text);
+  return parseConfig(file, text, options);
 }
 
 const dnsLabel = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
@@ -80,10 +106,12 @@ const registryHost = /^[a-z0-9.-]+(:\d+)?$/;
 const registryLocation = /^[a-z0-9.-]+(:\d+)?(\/[a-z0-9._/-]+)?$/;
 
 /** Pure: text in, typed config out. Reads only the SSH public key file it names. */
-export function parseConfig(file: string, text: string): ClusterConfig {
+export function parseConfig(file: string, text: string, options: { target?: Target } = {}): ClusterConfig {
   const r = new Reader(file);
   const root = r.object(parseYaml(file, text) ?? {}, '', [
     'name',
+    'target',
+    'openstack',
     'fcos',
     'kubernetes',
     'network',
@@ -168,10 +196,23 @@ export function parseConfig(file: string, text: string): ClusterConfig {
 
   const mirrors = parseMirrors(r, root.mirrors);
 
+  const configured = root.target === undefined ? 'qemu' : r.oneOf(root.target, 'target', targets);
+  const target = options.target ?? configured;
+  const openstack = root.openstack === undefined ? undefined : parseOpenstack(r, root.openstack, nodeCidr);
+  if (target === 'openstack' && root.openstack === undefined) {
+    r.problem(
+      'openstack',
+      `an openstack: section (cloud, flavors, adminCidr…) for target openstack${options.target ? ' (TARGET=openstack)' : ''}`,
+      'nothing (see cluster.example.yaml)',
+    );
+  }
+
   r.check();
   return {
     file,
     name: name!,
+    target: target!,
+    ...(openstack ? { openstack } : {}),
     fcos: { stream: stream!, arch: arch!, ...(release ? { release } : {}) },
     kubernetes: { version: versionText!.startsWith('v') ? versionText! : `v${versionText}` },
     network: { nodeCidr: nodeCidr!, podCidr: podCidr!, serviceCidr: serviceCidr! },
@@ -230,6 +271,78 @@ function parseNodes(r: Reader, value: unknown, nodeCidr: Cidr | undefined): Node
     r.problem('nodes', 'exactly one node with role "control-plane" (HA control planes are not supported yet)', `${controlPlanes}`);
   }
   return nodes;
+}
+
+const openstackName = /^[\x21-\x7e][\x20-\x7e]{0,254}$/;
+const secretKeys = /^(password|auth|token|secret|application_credential.*|credentials?)$/i;
+
+function parseOpenstack(r: Reader, value: unknown, nodeCidr: Cidr | undefined): OpenstackConfig | undefined {
+  const keys = ['cloud', 'network', 'flavors', 'availabilityZone', 'adminCidr', 'floatingIp', 'volumeType'];
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+    for (const key of Object.keys(value)) {
+      if (secretKeys.test(key)) {
+        r.problem(
+          fieldPath('openstack', key),
+          'no credentials in cluster.yaml: name a clouds.yaml entry in openstack.cloud (its password in secure.yaml, or an application credential)',
+          `a "${key}" key`,
+        );
+        delete (value as Record<string, unknown>)[key];
+      }
+    }
+  }
+  const os = r.object(value, 'openstack', keys);
+  if (!os) return undefined;
+  const name = (key: string, what: string): string | undefined =>
+    os[key] === undefined ? undefined : r.string(os[key], fieldPath('openstack', key), what, openstackName);
+  const cloud = name('cloud', 'a clouds.yaml entry name (or leave it out for OS_CLOUD)');
+  const network = name('network', 'the name or ID of an existing network (or leave it out: corekube creates one for network.nodeCidr)');
+  const availabilityZone = name('availabilityZone', 'an availability zone name');
+  const volumeType = name('volumeType', 'a Cinder volume type name');
+
+  const flavorsIn = r.object(r.required(os, 'flavors', 'openstack', 'a mapping with controlPlane and worker flavor names'), 'openstack.flavors', [
+    'controlPlane',
+    'worker',
+  ]);
+  const flavor = (key: string): string | undefined =>
+    flavorsIn ? r.string(r.required(flavorsIn, key, 'openstack.flavors', 'a flavor name'), fieldPath('openstack.flavors', key), 'a flavor name', openstackName) : undefined;
+  const controlPlane = flavor('controlPlane');
+  const worker = flavor('worker');
+
+  const adminText = r.required(os, 'adminCidr', 'openstack', 'the IPv4 CIDR SSH and the API server are reachable from, like "192.0.2.0/24"');
+  const adminCidr = typeof adminText === 'string' ? parseCidr(adminText) : undefined;
+  if (adminText !== undefined && !adminCidr) {
+    r.problem('openstack.adminCidr', 'an IPv4 CIDR with no host bits set, like "192.0.2.0/24" (SSH and the API server open from there only)', JSON.stringify(adminText));
+  }
+  if (adminCidr && adminCidr.prefix === 0) {
+    r.problem('openstack.adminCidr', 'a range smaller than the whole Internet (0.0.0.0/0 opens SSH and the API server to everyone)', adminCidr.text);
+  }
+
+  let floatingIp: OpenstackConfig['floatingIp'];
+  if (os.floatingIp !== undefined) {
+    const fip = r.object(os.floatingIp, 'openstack.floatingIp', ['network', 'address']);
+    if (fip) {
+      const fipNetwork = r.string(r.required(fip, 'network', 'openstack.floatingIp', 'the external network to take it from'), 'openstack.floatingIp.network', 'an external network name', openstackName);
+      let address: string | undefined;
+      if (fip.address !== undefined) {
+        address = r.string(fip.address, 'openstack.floatingIp.address', 'an IPv4 address (a floating IP already allocated to the project)');
+        if (address !== undefined && parseIPv4(address) === undefined) address = r.problem('openstack.floatingIp.address', 'an IPv4 address', JSON.stringify(address));
+        if (address !== undefined && nodeCidr && isHostAddress(nodeCidr, parseIPv4(address)!)) {
+          address = r.problem('openstack.floatingIp.address', `an address outside network.nodeCidr (${nodeCidr.text})`, JSON.stringify(address));
+        }
+      }
+      if (fipNetwork) floatingIp = { network: fipNetwork, ...(address ? { address } : {}) };
+    }
+  }
+  if (!controlPlane || !worker || !adminCidr) return undefined;
+  return {
+    ...(cloud ? { cloud } : {}),
+    ...(network ? { network } : {}),
+    flavors: { 'control-plane': controlPlane, worker },
+    ...(availabilityZone ? { availabilityZone } : {}),
+    adminCidr,
+    ...(floatingIp ? { floatingIp } : {}),
+    ...(volumeType ? { volumeType } : {}),
+  };
 }
 
 function parseMemory(r: Reader, value: unknown, path: string, minMiB: number): number | undefined {

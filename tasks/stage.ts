@@ -2,7 +2,7 @@
 // outputs it promises and a run function (kubeadm's phases are the model). The engine,
 // the CLI and the Makefile targets are all derived from the one list in stages.ts.
 import type { ListrTaskWrapper, ListrDefaultRenderer, ListrSimpleRenderer } from 'listr2';
-import { loadConfig, type ClusterConfig } from './config.ts';
+import { loadConfig, type ClusterConfig, type Target } from './config.ts';
 import { Cache } from './cache.ts';
 import type { HttpSettings } from './download.ts';
 import { checkLockMatchesConfig, loadLock, type Lock } from './lock.ts';
@@ -22,6 +22,8 @@ export interface RunSettings {
   http: HttpSettings;
   /** Progress as live bars (a terminal) or as a line now and then (CI, logs). */
   interactive: boolean;
+  /** TARGET= / --target: overrides cluster.yaml's `target`. */
+  target?: Target;
 }
 
 /** What every stage gets: settings, the parsed inputs (loaded once, on first use), a cancel signal. */
@@ -39,7 +41,7 @@ export class RunContext {
   }
 
   get config(): ClusterConfig {
-    this.#config ??= loadConfig(this.settings.configFile);
+    this.#config ??= loadConfig(this.settings.configFile, this.settings.target ? { target: this.settings.target } : {});
     return this.#config;
   }
 

@@ -210,5 +210,62 @@ test('IPv4 and CIDR parsing', () => {
   assert.is(parseCidr('10.244.1.0/16'), undefined);
 });
 
+const openstackSection = `target: openstack
+openstack:
+  cloud: corp
+  flavors: {controlPlane: m1.large, worker: m1.medium}
+  adminCidr: 192.0.2.0/24
+`;
+
+test('target: qemu by default; an openstack section parsed into typed values', () => {
+  const plain = parseConfig(configFile, valid);
+  assert.is(plain.target, 'qemu');
+  assert.is(plain.openstack, undefined);
+  const config = parseConfig(configFile, `${valid}${openstackSection}  availabilityZone: az1\n  volumeType: ssd\n  floatingIp: {network: public, address: 203.0.113.7}\n`);
+  assert.is(config.target, 'openstack');
+  assert.equal(config.openstack, {
+    cloud: 'corp',
+    flavors: { 'control-plane': 'm1.large', worker: 'm1.medium' },
+    availabilityZone: 'az1',
+    adminCidr: parseCidr('192.0.2.0/24'),
+    floatingIp: { network: 'public', address: '203.0.113.7' },
+    volumeType: 'ssd',
+  });
+  const existing = parseConfig(configFile, `${valid}${openstackSection}  network: lab-net\n`);
+  assert.is(existing.openstack?.network, 'lab-net');
+  assert.is(existing.openstack?.floatingIp, undefined);
+});
+
+test('TARGET overrides the config; target openstack without the section is refused naming it', () => {
+  assert.is(parseConfig(configFile, `${valid}${openstackSection}`, { target: 'qemu' }).target, 'qemu');
+  assert.match(problemAt(`${valid}target: openstack\n`, 'openstack').expected, /openstack: section/);
+  try {
+    parseConfig(configFile, valid, { target: 'openstack' });
+    assert.unreachable();
+  } catch (error) {
+    assert.match((error as Error).message, /openstack: expected an openstack: section .*TARGET=openstack/);
+  }
+});
+
+test('openstack: bad values are refused with their field paths', () => {
+  const hit = (extra: string, path: string) => problemAt(`${valid}${openstackSection}${extra}`, path);
+  assert.match(problemAt(`${valid}target: aws\n`, 'target').expected, /"qemu", "openstack"/);
+  assert.match(hit('  floatingIp: {network: public, address: 10.77.0.40}\n', 'openstack.floatingIp.address').expected, /outside network.nodeCidr/);
+  assert.match(hit('  floatingIp: {address: 203.0.113.7}\n', 'openstack.floatingIp.network').found, /required/);
+  hit('  floatingIp: {network: public, address: 203.0.113.300}\n', 'openstack.floatingIp.address');
+  assert.match(hit('  flavours: {}\n', 'openstack.flavours').expected, /did you mean "flavors"/);
+  assert.match(problemAt(`${valid}${openstackSection.replace('192.0.2.0/24', '0.0.0.0/0')}`, 'openstack.adminCidr').expected, /smaller than the whole Internet/);
+  assert.match(problemAt(`${valid}${openstackSection.replace('192.0.2.0/24', '192.0.2.1/24')}`, 'openstack.adminCidr').expected, /no host bits/);
+  assert.match(problemAt(`${valid}${openstackSection.replace('adminCidr: 192.0.2.0/24', 'region: x')}`, 'openstack.adminCidr').found, /required/);
+  assert.match(problemAt(`${valid}${openstackSection.replace(', worker: m1.medium', '')}`, 'openstack.flavors.worker').found, /required/);
+  assert.match(problemAt(`${valid}${openstackSection.replace('m1.large', '""')}`, 'openstack.flavors.controlPlane').expected, /flavor name/);
+});
+
+test('openstack: a password in cluster.yaml is refused, pointing at clouds.yaml', () => {
+  const hit = problemAt(`${valid}${openstackSection}  password: hunter2\n`, 'openstack.password');
+  assert.match(hit.expected, /no credentials in cluster\.yaml.*clouds\.yaml/);
+  assert.not.match(JSON.stringify(problemsOf(`${valid}${openstackSection}  password: hunter2\n`)), /hunter2/);
+});
+
 test.after(() => rmSync(dir, { recursive: true, force: true }));
 test.run();
