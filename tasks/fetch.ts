@@ -11,7 +11,7 @@ import { ChecksumError, placeLink, removeQuietly, sameFile, sha256Hasher, type C
 import { mirrorUrl } from './config.ts';
 import { downloadChunks, type DownloadOptions, type Progress } from './download.ts';
 import { OfflineError, UserError } from './errors.ts';
-import { artifactFileName, artifactKeys, isXz, storedSha256, type Artifact } from './lock.ts';
+import { artifactFileName, isXz, storedSha256, targetArtifacts, type Artifact } from './lock.ts';
 import type { Stage, StageTask } from './stage.ts';
 
 export const artifactsDir = 'artifacts';
@@ -28,19 +28,16 @@ export const fetchStage: Stage = {
   tools: ['xz'],
   inputs(ctx) {
     return Object.fromEntries(
-      artifactKeys.map((key) => {
-        const artifact = ctx.lock.artifacts[key];
-        return [`artifacts.${key}`, `${artifactFileName(artifact)} sha256:${storedSha256(artifact)}`];
-      }),
+      targetArtifacts(ctx.lock, ctx.config.target).map((artifact) => [`artifacts.${artifact.key}`, `${artifactFileName(artifact)} sha256:${storedSha256(artifact)}`]),
     );
   },
   outputs(ctx) {
-    return artifactKeys.map((key) => artifactOutput(ctx.lock.artifacts[key]));
+    return targetArtifacts(ctx.lock, ctx.config.target).map(artifactOutput);
   },
   async run(ctx, task) {
     const { cache, settings } = ctx;
     await cache.removeStaleTemporaries();
-    const artifacts = artifactKeys.map((key) => ctx.lock.artifacts[key]);
+    const artifacts = targetArtifacts(ctx.lock, ctx.config.target);
     const missing = artifacts.filter((a) => !cache.has(storedSha256(a)));
     if (settings.offline && missing.length > 0) throw offlineMissing(missing);
 

@@ -21,9 +21,17 @@ export const artifactKeys = [
   'butane',
 ] as const;
 export type ArtifactKey = (typeof artifactKeys)[number];
+/**
+ * Artifacts only some targets need: `fcos-openstack`, the FCOS OpenStack image (pinned
+ * when the target is openstack). Any target may carry them; a target that needs one
+ * refuses a lock without it.
+ */
+export const optionalArtifactKeys = ['fcos-openstack'] as const;
+export type OptionalArtifactKey = (typeof optionalArtifactKeys)[number];
+export type AnyArtifactKey = ArtifactKey | OptionalArtifactKey;
 
 export interface Artifact {
-  key: ArtifactKey;
+  key: AnyArtifactKey;
   url: string;
   sha256: string; // of the bytes at url
   /** For an .xz download: sha256 of the decompressed bytes, which is what the cache keeps. */
@@ -47,8 +55,19 @@ export interface Lock {
   file: string;
   fcos: { stream: (typeof fcosStreams)[number]; release: string; arch: Architecture };
   kubernetes: { version: string };
-  artifacts: Record<ArtifactKey, Artifact>;
+  artifacts: Record<ArtifactKey, Artifact> & Partial<Record<OptionalArtifactKey, Artifact>>;
   images: ImageRef[];
+}
+
+/** What a target fetches: the nine required artifacts, and for openstack also its FCOS image. */
+export function targetArtifacts(lock: Pick<Lock, 'artifacts'>, target: 'qemu' | 'openstack'): Artifact[] {
+  const wanted: AnyArtifactKey[] = target === 'openstack' ? [...artifactKeys, 'fcos-openstack'] : [...artifactKeys];
+  return wanted.flatMap((key) => (lock.artifacts[key] ? [lock.artifacts[key]] : []));
+}
+
+/** Every artifact the lock holds, required ones first, in the order fetch reports them. */
+export function lockedArtifacts(lock: Pick<Lock, 'artifacts'>): Artifact[] {
+  return [...artifactKeys, ...optionalArtifactKeys].flatMap((key) => (lock.artifacts[key] ? [lock.artifacts[key]] : []));
 }
 
 /** The sha256 of what the cache holds for an artifact (decompressed, where it is compressed). */
@@ -140,10 +159,10 @@ export function parseLock(file: string, text: string): Lock {
     ? r.string(kubeIn.version, 'kubernetes.version', 'an exact Kubernetes release like "v1.35.7"', /^v\d+\.\d+\.\d+$/)
     : undefined;
 
-  const artifactsIn = r.object(r.required(root, 'artifacts', '', 'the pinned artifacts'), 'artifacts', artifactKeys);
-  const artifacts: Partial<Record<ArtifactKey, Artifact>> = {};
+  const artifactsIn = r.object(r.required(root, 'artifacts', '', 'the pinned artifacts'), 'artifacts', [...artifactKeys, ...optionalArtifactKeys]);
+  const artifacts: Partial<Record<AnyArtifactKey, Artifact>> = {};
   if (artifactsIn) {
-    for (const key of artifactKeys) {
+    for (const key of [...artifactKeys, ...optionalArtifactKeys.filter((k) => artifactsIn[k] !== undefined)]) {
       const path = fieldPath('artifacts', key);
       const entry = r.object(r.required(artifactsIn, key, 'artifacts', 'url and sha256'), path, [
         'url',
@@ -189,7 +208,7 @@ export function parseLock(file: string, text: string): Lock {
     file,
     fcos: { stream: stream!, release: release!, arch: arch! },
     kubernetes: { version: kubeVersion! },
-    artifacts: artifacts as Record<ArtifactKey, Artifact>,
+    artifacts: artifacts as Lock['artifacts'],
     images,
   };
 }
@@ -214,6 +233,13 @@ export function checkLockMatchesConfig(lock: Lock, config: ClusterConfig): void 
       path: 'kubernetes.version',
       expected: exact ? `${wanted} (from ${config.file})` : `a ${wanted}.x release (from ${config.file})`,
       found: locked,
+    });
+  }
+  if (config.target === 'openstack' && !lock.artifacts['fcos-openstack']) {
+    problems.push({
+      path: 'artifacts.fcos-openstack',
+      expected: `the FCOS OpenStack image (target openstack in ${config.file}): make pin TARGET=openstack`,
+      found: 'nothing',
     });
   }
   if (problems.length > 0) {

@@ -30,7 +30,7 @@ import { writeAtomically } from './engine.ts';
 import { ExitCode, InputError, isAbortError, OfflineError, UserError } from './errors.ts';
 import { writeXzDecompressed } from './fetch.ts';
 import { kubeadmImages, moveBlobsIntoStore, readManifestImages, seededStagingLayout, skopeoCopy, storeDir, type ManifestImage } from './images.ts';
-import { artifactKeys, checkLockMatchesConfig, lockVersion, parseLock, type Artifact, type ArtifactKey, type ImageRef, type Lock } from './lock.ts';
+import { checkLockMatchesConfig, lockedArtifacts, lockVersion, parseLock, type AnyArtifactKey, type Artifact, type ArtifactKey, type ImageRef, type Lock } from './lock.ts';
 import { findRef, parseReference, readIndex, sha256Of, splitName } from './oci.ts';
 import type { RunContext, Stage } from './stage.ts';
 import { indentTail, runTool, ToolError } from './tool.ts';
@@ -281,7 +281,7 @@ export function layoutChoice(raw: string | Buffer, digest: string, arch: 'amd64'
 export type LockContent = Pick<Lock, 'fcos' | 'kubernetes' | 'artifacts' | 'images'>;
 
 /** One comment per artifact: where its checksum came from. */
-export type ArtifactNotes = Partial<Record<ArtifactKey, string>>;
+export type ArtifactNotes = Partial<Record<AnyArtifactKey, string>>;
 
 const compare = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
 
@@ -307,8 +307,8 @@ export function renderLock(content: LockContent, notes: ArtifactNotes = {}): str
     `kubernetes: {version: ${scalar(content.kubernetes.version)}}`,
     'artifacts:',
   ];
-  for (const key of artifactKeys) {
-    const artifact = content.artifacts[key];
+  for (const artifact of lockedArtifacts(content)) {
+    const key = artifact.key;
     lines.push(`  ${key}:`);
     for (const note of (notes[key] ?? '').split('\n').filter(Boolean)) lines.push(`    # ${note}`);
     lines.push(`    url: ${scalar(artifact.url)}`, `    sha256: ${scalar(artifact.sha256)}`);
@@ -334,9 +334,8 @@ export function lockEntries(lock: LockContent, uniqueNames: ReadonlySet<string>)
   const entries = new Map<string, string>();
   entries.set('fcos', `${lock.fcos.stream} ${lock.fcos.release} ${lock.fcos.arch}`);
   entries.set('kubernetes.version', lock.kubernetes.version);
-  for (const key of artifactKeys) {
-    const a = lock.artifacts[key];
-    if (!a) continue;
+  for (const a of lockedArtifacts(lock)) {
+    const key = a.key;
     entries.set(`artifacts.${key}`, `${a.url} sha256:${a.sha256}${a.uncompressedSha256 ? ` uncompressed sha256:${a.uncompressedSha256}` : ''}`);
   }
   for (const image of [...lock.images].sort((a, b) => compare(`${a.name}:${a.tag}`, `${b.name}:${b.tag}`))) {
@@ -492,6 +491,8 @@ interface PinnedFcos {
   release: string;
   disk: FcosDisk;
   note: string;
+  /** The OpenStack image of the same release, when the target is openstack. */
+  openstack?: { disk: FcosDisk; note: string };
 }
 
 /** The FCOS release and its qemu disk from the metadata (no image download). */
@@ -501,6 +502,7 @@ async function resolveFcos(s: Session): Promise<PinnedFcos> {
   const hint = `Check fcos.stream and fcos.release in ${s.config.file}, and mirrors.fcos if you use one.`;
   let disk: FcosDisk;
   let note: string;
+  let openstack: PinnedFcos['openstack'];
   if (!wanted) {
     s.progress(`reading the ${stream} stream metadata`);
     const { json, url } = await fetchJson(s, `${base}/streams/${stream}.json`, `the FCOS ${stream} stream metadata`, hint);
@@ -518,6 +520,9 @@ async function resolveFcos(s: Session): Promise<PinnedFcos> {
     }
     disk = parseFcosStream(url, json, arch);
     note = `from streams/${stream}.json: architectures.${arch}.artifacts.qemu.formats["qcow2.xz"].disk`;
+    if (s.config.target === 'openstack') {
+      openstack = { disk: parseFcosStream(url, json, arch, 'openstack'), note: note.replace('.qemu.', '.openstack.') };
+    }
   } else {
     s.progress(`reading the ${stream} release index`);
     const { json, url } = await fetchJson(s, `${base}/prod/streams/${stream}/releases.json`, `the FCOS ${stream} release index`, hint);
@@ -543,31 +548,42 @@ async function resolveFcos(s: Session): Promise<PinnedFcos> {
     disk = parseFcosRelease(metadata.url, metadata.json, arch);
     if (disk.release !== wanted) throw new UserError(`pin: ${metadata.url} describes FCOS ${disk.release}, not ${wanted}: check the mirror`);
     note = `from prod/streams/${stream}/builds/${wanted}/release.json: architectures.${arch}.media.qemu.artifacts["qcow2.xz"].disk`;
+    if (s.config.target === 'openstack') {
+      openstack = { disk: { ...parseFcosRelease(metadata.url, metadata.json, arch, 'openstack'), release: disk.release }, note: note.replace('.qemu.', '.openstack.') };
+    }
+  }
+  if (openstack && openstack.disk.release !== disk.release) {
+    throw new UserError(`pin: the FCOS metadata offers qemu ${disk.release} but openstack ${openstack.disk.release}: pin again once upstream has published both (or set fcos.release)`);
   }
   // A mirror that rewrote the location to itself: the lock keeps upstream's URL.
   const mirrorBase = s.config.mirrors.downloads.fcos;
-  const location = mirrorBase !== base && disk.location.startsWith(`${mirrorBase}/`) ? base + disk.location.slice(mirrorBase.length) : disk.location;
-  return { release: disk.release, disk: { ...disk, location }, note };
+  const upstream = (location: string) => (mirrorBase !== base && location.startsWith(`${mirrorBase}/`) ? base + location.slice(mirrorBase.length) : location);
+  return {
+    release: disk.release,
+    disk: { ...disk, location: upstream(disk.location) },
+    note,
+    ...(openstack ? { openstack: { disk: { ...openstack.disk, location: upstream(openstack.disk.location) }, note: openstack.note } } : {}),
+  };
 }
 
 /**
- * The lock's fcos-qemu entry. Where the metadata lacks uncompressed-sha256 it is computed
+ * The lock's fcos-qemu (or fcos-openstack) entry. Where the metadata lacks uncompressed-sha256 it is computed
  * from the image, once: a re-pin of the same .xz (same URL and sha256) keeps the previous
  * lock's value when the cache holds that decompressed image (fetch or pin checked the pair
  * before storing it; the same compressed bytes always decompress to the same bytes).
  */
-async function fcosArtifact(s: Session, fcos: PinnedFcos, previous: Lock | undefined): Promise<Artifact> {
-  const { location, sha256 } = fcos.disk;
-  const old = previous?.artifacts['fcos-qemu'];
+async function fcosArtifact(s: Session, key: 'fcos-qemu' | 'fcos-openstack', disk: FcosDisk, previous: Lock | undefined): Promise<Artifact> {
+  const { location, sha256 } = disk;
+  const old = previous?.artifacts[key];
   const known = old && old.url === location && old.sha256 === sha256 && old.uncompressedSha256 && s.cache.has(old.uncompressedSha256) ? old.uncompressedSha256 : undefined;
-  const uncompressedSha256 = fcos.disk.uncompressedSha256 ?? known ?? (await hashFcosImage(s, location, sha256));
-  return { key: 'fcos-qemu', url: location, sha256, uncompressedSha256 };
+  const uncompressedSha256 = disk.uncompressedSha256 ?? known ?? (await hashFcosImage(s, key, location, sha256));
+  return { key, url: location, sha256, uncompressedSha256 };
 }
 
 /** Downloads and decompresses the qcow2.xz once (into the cache) to learn the sha256 the metadata lacks. */
-async function hashFcosImage(s: Session, upstreamUrl: string, sha256: string): Promise<string> {
+async function hashFcosImage(s: Session, key: 'fcos-qemu' | 'fcos-openstack', upstreamUrl: string, sha256: string): Promise<string> {
   const url = mirrorUrl(upstreamUrl, s.config.mirrors.downloads);
-  const tmp = await s.cache.temporaryPath('pin-fcos-qemu');
+  const tmp = await s.cache.temporaryPath(`pin-${key}`);
   s.progress(`the metadata has no uncompressed-sha256: downloading ${url} to compute it`);
   try {
     let result: { compressedSha256: string; sha256: string };
@@ -576,11 +592,11 @@ async function hashFcosImage(s: Session, upstreamUrl: string, sha256: string): P
     } catch (error) {
       if (error instanceof UserError && !(error instanceof DownloadError)) throw error;
       if (isAbortError(error) || s.signal.aborted) throw error;
-      throw new UserError(`pin: fcos-qemu: ${firstLine((error as Error).message)}${mirrorNote(s.config, 'fcos')}`);
+      throw new UserError(`pin: ${key}: ${firstLine((error as Error).message)}${mirrorNote(s.config, 'fcos')}`);
     }
     if (result.compressedSha256 !== sha256) {
       throw new ChecksumError(
-        `pin: fcos-qemu: ${url} does not match the sha256 in the FCOS metadata`,
+        `pin: ${key}: ${url} does not match the sha256 in the FCOS metadata`,
         `${sha256} (the metadata)`,
         `${result.compressedSha256} (the downloaded bytes)`,
         'Nothing was written: the lock keeps what it had. Check the mirror, or try again.',
@@ -768,8 +784,13 @@ export async function pin(ctx: RunContext, options: PinOptions = {}): Promise<Pi
       ? fcos.note
       : `${fcos.note}\nuncompressedSha256: computed by pin from the decompressed download (the metadata has none)`,
   };
-  const [fcosQemu, kube, butane] = await allOrNothing<[Artifact, { version: string; artifacts: Artifact[]; images: ImageRef[] }, Artifact]>(ctx.signal, [
-    (signal) => fcosArtifact(session(signal), fcos, previous.lock),
+  if (fcos.openstack) {
+    notes['fcos-openstack'] = fcos.openstack.disk.uncompressedSha256
+      ? fcos.openstack.note
+      : `${fcos.openstack.note}\nuncompressedSha256: computed by pin from the decompressed download (the metadata has none)`;
+  }
+  const [fcosQemu, kube, butane, fcosOpenstack] = await allOrNothing<[Artifact, { version: string; artifacts: Artifact[]; images: ImageRef[] }, Artifact, Artifact | undefined]>(ctx.signal, [
+    (signal) => fcosArtifact(session(signal), 'fcos-qemu', fcos.disk, previous.lock),
     async (signal) => {
       const s = session(signal);
       const version = await resolveKubernetesVersion(s);
@@ -804,8 +825,9 @@ export async function pin(ctx: RunContext, options: PinOptions = {}): Promise<Pi
       notes.butane = 'no upstream checksum file (only a detached .asc signature, not checked here):\nsha256 computed by pin from the downloaded bytes';
       return { key: 'butane', url: source.url, sha256 };
     },
+    async (signal) => (fcos.openstack ? fcosArtifact(session(signal), 'fcos-openstack', fcos.openstack.disk, previous.lock) : undefined),
   ]);
-  const artifacts = Object.fromEntries([fcosQemu, ...kube.artifacts, butane].map((a) => [a.key, a])) as Record<ArtifactKey, Artifact>;
+  const artifacts = Object.fromEntries([fcosQemu, ...kube.artifacts, butane, ...(fcosOpenstack ? [fcosOpenstack] : [])].map((a) => [a.key, a])) as Lock['artifacts'];
   const content: LockContent = {
     fcos: { stream: config.fcos.stream, release: fcos.release, arch: config.fcos.arch },
     kubernetes: { version: kube.version },
@@ -856,6 +878,7 @@ export const pinStage: Stage = {
       'fcos.stream': config.fcos.stream,
       'fcos.arch': config.fcos.arch,
       'fcos.release': config.fcos.release ?? '(newest)',
+      target: config.target,
       'kubernetes.version': config.kubernetes.version,
       components: JSON.stringify(resolveComponents()),
       mirrors: JSON.stringify(config.mirrors),

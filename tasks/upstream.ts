@@ -14,16 +14,19 @@ export interface FcosDisk {
   uncompressedSha256?: string;
 }
 
+/** The FCOS platforms corekube boots: their images are qcow2.xz disks in the metadata. */
+export type FcosPlatform = 'qemu' | 'openstack';
+
 /**
- * The qemu qcow2.xz disk of one architecture in an FCOS stream document
- * (`streams/STREAM.json`): `.architectures.ARCH.artifacts.qemu`.
+ * The qcow2.xz disk of one platform (qemu, openstack) and architecture in an FCOS stream
+ * document (`streams/STREAM.json`): `.architectures.ARCH.artifacts.PLATFORM`.
  */
-export function parseFcosStream(source: string, json: unknown, arch: Architecture): FcosDisk {
+export function parseFcosStream(source: string, json: unknown, arch: Architecture, platform: FcosPlatform = 'qemu'): FcosDisk {
   const r = new Reader(source);
   const archEntry = architectureEntry(r, source, r.map(json, ''), arch);
   const artifacts = archEntry ? r.map(archEntry.artifacts, `architectures.${arch}.artifacts`) : undefined;
-  const qemuPath = `architectures.${arch}.artifacts.qemu`;
-  const qemu = artifacts ? r.map(artifacts.qemu, qemuPath) : undefined;
+  const qemuPath = `architectures.${arch}.artifacts.${platform}`;
+  const qemu = artifacts ? r.map(artifacts[platform], qemuPath) : undefined;
   const release = qemu ? r.string(qemu.release, `${qemuPath}.release`, 'an FCOS release', fcosReleasePattern) : undefined;
   const formats = qemu ? r.map(qemu.formats, `${qemuPath}.formats`) : undefined;
   const format = formats ? r.map(formats['qcow2.xz'], `${qemuPath}.formats["qcow2.xz"]`) : undefined;
@@ -66,20 +69,20 @@ export function parseFcosReleaseIndex(source: string, json: unknown): FcosReleas
 }
 
 /**
- * One release's metadata (`…/builds/RELEASE/release.json`): the qemu qcow2.xz disk at
- * `.architectures.ARCH.media.qemu.artifacts["qcow2.xz"].disk`.
+ * One release's metadata (`…/builds/RELEASE/release.json`): a platform's qcow2.xz disk at
+ * `.architectures.ARCH.media.PLATFORM.artifacts["qcow2.xz"].disk`.
  */
-export function parseFcosRelease(source: string, json: unknown, arch: Architecture): FcosDisk {
+export function parseFcosRelease(source: string, json: unknown, arch: Architecture, platform: FcosPlatform = 'qemu'): FcosDisk {
   const r = new Reader(source);
   const root = r.map(json, '');
   const release = root ? r.string(root.release, 'release', 'an FCOS release', fcosReleasePattern) : undefined;
   const archEntry = architectureEntry(r, source, root, arch);
   const mediaPath = `architectures.${arch}.media`;
   const media = archEntry ? r.map(archEntry.media, mediaPath) : undefined;
-  const qemu = media ? r.map(media.qemu, `${mediaPath}.qemu`) : undefined;
-  const artifacts = qemu ? r.map(qemu.artifacts, `${mediaPath}.qemu.artifacts`) : undefined;
-  const format = artifacts ? r.map(artifacts['qcow2.xz'], `${mediaPath}.qemu.artifacts["qcow2.xz"]`) : undefined;
-  return qcow2XzDisk(r, release, format, `${mediaPath}.qemu.artifacts["qcow2.xz"].disk`);
+  const qemu = media ? r.map(media[platform], `${mediaPath}.${platform}`) : undefined;
+  const artifacts = qemu ? r.map(qemu.artifacts, `${mediaPath}.${platform}.artifacts`) : undefined;
+  const format = artifacts ? r.map(artifacts['qcow2.xz'], `${mediaPath}.${platform}.artifacts["qcow2.xz"]`) : undefined;
+  return qcow2XzDisk(r, release, format, `${mediaPath}.${platform}.artifacts["qcow2.xz"].disk`);
 }
 
 /** `.architectures.ARCH` of a stream or release document; a missing architecture names the ones offered. */

@@ -120,6 +120,17 @@ test('upstream samples: the release index, one release, and a stream without the
   assert.throws(() => parseFcosStream('stable.json', JSON.parse(readFileSync(join(samples, 'fcos-stream.json'), 'utf8')), 'aarch64'), /aarch64/);
 });
 
+test('upstream samples: the openstack qcow2.xz of the stream and of one release', () => {
+  const stream = parseFcosStream('stable.json', JSON.parse(readFileSync(join(samples, 'fcos-stream.json'), 'utf8')), 'x86_64', 'openstack');
+  assert.match(stream.location, /fedora-coreos-33\.20201201\.3\.0-openstack\.x86_64\.qcow2\.xz$/);
+  assert.is(stream.sha256, '2be55c5aa1f53eb9a869826dacbab75706ee6bd59185b935ac9be546cc132a85');
+  assert.is(stream.release, '33.20201201.3.0');
+  const release = parseFcosRelease('release.json', JSON.parse(readFileSync(join(samples, 'fcos-release.json'), 'utf8')), 'x86_64', 'openstack');
+  assert.match(release.location, /-openstack\.x86_64\.qcow2\.xz$/);
+  assert.is(release.sha256, stream.sha256);
+  assert.throws(() => parseFcosStream('s.json', { architectures: { x86_64: { artifacts: { qemu: {} } } } }, 'x86_64', 'openstack'), /architectures\.x86_64\.artifacts\.openstack: expected a mapping/);
+});
+
 test('kubernetes versions: a minor goes through stable-X.Y.txt; the marker must name a release of that minor', () => {
   assert.is(kubernetesMarkerPath('v1.35'), '/release/stable-1.35.txt');
   assert.is(kubernetesMarkerPath('v1.35.7'), undefined);
@@ -228,6 +239,39 @@ test('pin from scratch writes a lock that parseLock accepts, and fetch and image
   assert.equal(built.ran.sort(), ['fetch', 'images']);
   assert.not.ok(server.requests.some((r) => r.path === tree.artifacts.kubeadm!.servedPath), 'fetch found kubeadm in the cache pin filled');
   first = { ws, result };
+});
+
+const openstackConfig = ['target: openstack', 'openstack: {cloud: test, flavors: {controlPlane: m1.large, worker: m1.medium}, adminCidr: 192.0.2.0/24}'];
+
+test('target openstack: pin adds the FCOS openstack image with both sha256s; fetch gets it only for that target', async () => {
+  const ws = workspace({ extraConfig: openstackConfig });
+  const result = await pinIn(ws);
+  const want = tree.artifacts['fcos-openstack']!;
+  assert.equal(result.lock.artifacts['fcos-openstack'], { key: 'fcos-openstack', url: want.upstreamUrl, sha256: want.sha256, uncompressedSha256: want.uncompressedSha256 });
+  assert.match(result.text, /fcos-openstack:\n {4}# from streams\/stable\.json: architectures\.x86_64\.artifacts\.openstack\.formats\["qcow2\.xz"\]\.disk\n/);
+  assert.ok(result.changes.some((line) => line.startsWith('+ artifacts.fcos-openstack: ')), result.summary);
+  // A qemu lock (the same config with TARGET=qemu) has none, and the openstack target refuses it.
+  const qemuLock = (await pinIn(ws, { target: 'qemu' })).lock;
+  assert.is(qemuLock.artifacts['fcos-openstack'], undefined);
+  try {
+    void ws.context(quick).lock;
+    assert.unreachable('an openstack target accepted a lock without its image');
+  } catch (error) {
+    assert.match((error as Error).message, /artifacts\.fcos-openstack: expected the FCOS OpenStack image/);
+  }
+  await pinIn(ws);
+  server.requests.length = 0;
+  await runStages(ws.context(quick), [fetchStage], { renderer: 'silent' });
+  assert.ok(server.requests.some((r) => r.path === want.servedPath), 'fetched the openstack image');
+  const out = readdirSync(join(ws.outDir, 'artifacts'));
+  assert.ok(out.includes(`fedora-coreos-${tree.fcosRelease}-openstack.x86_64.qcow2`), out.join(' '));
+  assert.ok(existsSync(join(ws.cacheDir, 'sha256', want.uncompressedSha256!)), 'decompressed and checked into the cache');
+  // The same lock with TARGET=qemu: fetch does not download it.
+  const plain = workspace();
+  writeFileSync(plain.lockFile, readFileSync(ws.lockFile));
+  server.requests.length = 0;
+  await runStages(plain.context(quick), [fetchStage], { renderer: 'silent' });
+  assert.not.ok(server.requests.some((r) => r.path === want.servedPath), 'the qemu target does not fetch it');
 });
 
 test('pin again: the lock is byte-identical and untouched, and the summary says unchanged', async () => {
