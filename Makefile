@@ -1,5 +1,5 @@
 # corekube: `make cluster` builds everything, `make test` tests it. Each stage also runs
-# alone (`make fetch`). Variables: CONFIG=file LOCK=file OFFLINE=1 DRY_RUN=1 FORCE=1 JOBS=n
+# alone (`make fetch`). Variables: CONFIG=file LOCK=file OFFLINE=1 DRY_RUN=1 FORCE=1 JOBS=n TARGET=openstack
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
 NPM_STAMP := node_modules/.package-lock.json
 
 flag = $(if $(filter-out 0 false,$($(1))),$(2))
-CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only)
+CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only) $(if $(TARGET),--target $(TARGET))
 
 # The stages, as in tasks/stages.ts.
 STAGES := pin fetch images pki disk ignition boot verify
@@ -35,7 +35,7 @@ help:
 	@echo "make clean        remove out/ but the cluster CA (out/pki, out/kubeconfig); keeps cache/"
 	@echo "make clean-pki    remove the cluster CA too: the next build makes a new one"
 	@echo "make distclean    remove out/, cache/ and node_modules/"
-	@echo "variables: CONFIG=cluster.yaml LOCK=corekube.lock.yaml OFFLINE=1 DRY_RUN=1 FORCE=1 ONLY=1 JOBS=4"
+	@echo "variables: CONFIG=cluster.yaml LOCK=corekube.lock.yaml OFFLINE=1 DRY_RUN=1 FORCE=1 ONLY=1 JOBS=4 TARGET=qemu|openstack PURGE=1 (down, openstack: the images too)"
 
 # A fresh clone installs its npm dependencies on first use, and again when the lock changes.
 $(NPM_STAMP): package.json package-lock.json
@@ -59,7 +59,7 @@ unbundle: $(NPM_STAMP)
 	$(CLI) unbundle --file "$(FILE)"
 
 down: $(NPM_STAMP)
-	node tasks/cli.ts down
+	node tasks/cli.ts down $(if $(TARGET),--target $(TARGET)) $(call flag,PURGE,--purge) $(call flag,DRY_RUN,--dry-run)
 
 ssh: $(NPM_STAMP)
 	node tasks/cli.ts ssh $(NODE)

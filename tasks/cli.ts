@@ -8,15 +8,16 @@ import { parseArgs } from 'node:util';
 import { Listr } from 'listr2';
 import { stopCluster } from './boot.ts';
 import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle.ts';
-import { defaultConfigFile, loadConfig } from './config.ts';
+import { defaultConfigFile, loadConfig, targets, type Target } from './config.ts';
 import { defaultHttpSettings } from './download.ts';
 import { formatPlan, runStages, selectStages, type Renderer } from './engine.ts';
 import { ExitCode, InterruptedError, UserError } from './errors.ts';
 import { defaultLockFile } from './lock.ts';
 import { sshArgs } from './qemu.ts';
 import { RunContext, type RunSettings } from './stage.ts';
+import { dryRunPlan, openstackDown, openstackModes } from './openstack.ts';
 import { pinResults, pinStage } from './pin.ts';
-import { buildStages, stages } from './stages.ts';
+import { buildStages, stages, stagesFor } from './stages.ts';
 import { hostFamily, installCommands, missingTools, type ToolName } from './tools.ts';
 
 const projectRoot = resolve(import.meta.dirname, '..');
@@ -25,7 +26,8 @@ const usage = `usage: node tasks/cli.ts [options] TASK...
        node tasks/cli.ts deps [--install] [TASK...]
        node tasks/cli.ts bundle [--file F]   the lock, cluster.yaml and every cache entry they need, as one tar (runs fetch, images first)
        node tasks/cli.ts unbundle --file F   verify, add to cache/, install lock/config where absent (--force replaces, keeps .orig; --dry-run verifies only)
-       node tasks/cli.ts down             stop the nodes (power button, then kill after DOWN_TIMEOUT s, default 60)
+       node tasks/cli.ts down             stop the nodes (power button, then kill after DOWN_TIMEOUT s, default 60);
+                                          target openstack: delete the servers, ports, volumes, network (images too with --purge)
        node tasks/cli.ts ssh NODE [CMD]   a shell (or CMD) on NODE as core
 
 Tasks (each also runs what it needs, unless --only):
@@ -39,6 +41,8 @@ Options (Makefile variables in brackets):
   --dry-run            show what would run and why, run nothing [DRY_RUN=1]
   --force              run even what is fresh [FORCE=1]
   --only               run only the named tasks, not what they need
+  --target qemu|openstack   where the nodes run (default: cluster.yaml's target, else qemu) [TARGET]
+  --purge              down, target openstack: delete the uploaded images too [PURGE=1]
   --jobs N             parallel downloads (default 4) [JOBS]
   --retries N          retries of a failed download (default ${defaultHttpSettings.retries}) [COREKUBE_HTTP_RETRIES]
   --stall-timeout S    seconds without data before a download is retried (default ${defaultHttpSettings.stallTimeoutMs / 1000}) [COREKUBE_STALL_TIMEOUT]
@@ -83,6 +87,8 @@ async function main(argv: string[]): Promise<number> {
       'stall-timeout': { type: 'string' },
       renderer: { type: 'string', default: 'auto' },
       file: { type: 'string' },
+      target: { type: 'string' },
+      purge: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -93,8 +99,35 @@ async function main(argv: string[]): Promise<number> {
   const env = process.env;
   const truthy = (v: string | undefined) => v !== undefined && v !== '' && v !== '0' && v !== 'false';
 
-  if (positionals[0] === 'deps') return deps(positionals.slice(1), values.install);
+  const targetText = values.target ?? (env.TARGET || undefined);
+  if (targetText !== undefined && !(targets as readonly string[]).includes(targetText)) {
+    throw new UserError(`--target (TARGET): expected one of ${targets.join(', ')}, found "${targetText}"`, ExitCode.usage);
+  }
+  const targetOverride = targetText as Target | undefined;
+  if (positionals[0] === 'deps') return deps(positionals.slice(1), values.install, targetOverride);
   const outDir = resolve(values.out ?? (env.OUT_DIR || resolve(projectRoot, 'out')));
+  if (positionals[0] === 'down' && (targetOverride ?? targetOf(defaultConfig(values.config ?? env.CONFIG))) === 'openstack') {
+    const ctx = new RunContext(
+      {
+        root: projectRoot,
+        outDir,
+        cacheDir: resolve(values.cache ?? (env.CACHE_DIR || resolve(projectRoot, 'cache'))),
+        configFile: defaultConfig(values.config ?? env.CONFIG),
+        lockFile: resolve(values.lock ?? (env.LOCK || resolve(projectRoot, defaultLockFile))),
+        offline: false,
+        force: false,
+        jobs: 1,
+        http: defaultHttpSettings,
+        interactive: false,
+        target: 'openstack',
+      },
+      new AbortController().signal,
+    );
+    const dryRun = values['dry-run'] || truthy(env.DRY_RUN);
+    const calls = await openstackDown(ctx, { purge: values.purge || truthy(env.PURGE), dryRun, onCall: (line) => console.log(`${dryRun ? 'would run: ' : ''}${line}`) });
+    if (calls.length === 0) console.log(`corekube: nothing tagged ${ctx.config.name} is left on the cloud`);
+    return ExitCode.ok;
+  }
   if (positionals[0] === 'down') {
     const timeoutMs = number(env.DOWN_TIMEOUT, 'DOWN_TIMEOUT', 60, 0) * 1000;
     const { poweredOff, killed } = await stopCluster(outDir, { timeoutMs });
@@ -114,12 +147,16 @@ async function main(argv: string[]): Promise<number> {
   }
 
   const names = positionals.flatMap((name) => (name === 'cluster' ? buildStages.map((s) => s.name) : [name]));
+  const configFile = defaultConfig(values.config ?? env.CONFIG);
+  const target = targetOverride ?? targetOf(configFile);
+  const targetStages = stagesFor(target);
   const settings: RunSettings = {
     root: projectRoot,
     outDir,
     cacheDir: resolve(values.cache ?? (env.CACHE_DIR || resolve(projectRoot, 'cache'))),
-    configFile: defaultConfig(values.config ?? env.CONFIG),
+    configFile,
     lockFile: resolve(values.lock ?? (env.LOCK || resolve(projectRoot, defaultLockFile))),
+    ...(targetOverride ? { target: targetOverride } : {}),
     offline: values.offline || truthy(env.OFFLINE),
     force: values.force || truthy(env.FORCE),
     jobs: number(values.jobs ?? env.JOBS, '--jobs', 4, 1),
@@ -141,7 +178,7 @@ async function main(argv: string[]): Promise<number> {
   const autoPin = !action && positionals.includes('cluster') && noLock && !settings.offline;
   const wantsPin = !action && (names.includes('pin') || autoPin);
   const rest = action ? [] : names.filter((name) => name !== 'pin');
-  const selected = rest.length > 0 ? selectStages(stages, rest, values.only) : [];
+  const selected = rest.length > 0 ? selectStages(targetStages, rest, values.only) : [];
 
   const controller = new AbortController();
   let interrupts = 0;
@@ -171,13 +208,25 @@ async function main(argv: string[]): Promise<number> {
   }
   const ctx = new RunContext(settings, controller.signal);
   void ctx.config; // a bad config stops everything before anything is written
+  // target openstack: `make boot` rebuilds every server (first boot again); `make cluster` adds only what is missing.
+  openstackModes.set(ctx, rest.includes('boot') ? 'boot' : 'up');
   const report = await runStages(ctx, selected, { dryRun: values['dry-run'], renderer });
   if (values['dry-run']) {
     console.log(formatPlan(report.plan ?? []));
+    if (target === 'openstack' && selected.some((s) => s.name === 'boot')) console.log(await dryRunPlan(ctx));
   } else if (report.ran.length === 0) {
     console.log(`corekube: ${selected.map((s) => s.name).join(', ')}: fresh, nothing to do`);
   }
   return ExitCode.ok;
+}
+
+/** The config's target (qemu where the file cannot be read: the run reports that itself). */
+function targetOf(configFile: string): Target {
+  try {
+    return loadConfig(configFile).target;
+  } catch {
+    return 'qemu';
+  }
 }
 
 /** bundle and unbundle: actions on the cache, not stages (no stamp, not part of cluster). */
@@ -200,8 +249,9 @@ async function runAction(ctx: RunContext, action: 'bundle' | 'unbundle', options
 }
 
 /** `make deps`: names the missing tools for the tasks and, with --install, installs them. */
-async function deps(names: string[], install: boolean): Promise<number> {
-  const selected = names.length > 0 ? selectStages(stages, names) : stages;
+async function deps(names: string[], install: boolean, target: Target | undefined): Promise<number> {
+  const all = target ? stagesFor(target) : stages;
+  const selected = names.length > 0 ? selectStages(all, names) : all;
   const missing = missingTools(selected.flatMap((s) => s.tools) as ToolName[]);
   if (missing.length === 0) {
     console.log(`corekube: every tool ${selected.map((s) => s.name).join(', ')} needs is installed`);

@@ -235,13 +235,19 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
       imageRepository: 'registry.k8s.io',
       networking: { podSubnet: config.network.podCidr.text, serviceSubnet: config.network.serviceCidr.text, dnsDomain: 'cluster.local' },
       apiServer: {
-        certSANs: ['127.0.0.1', 'localhost', cp.ip, cp.name],
+        certSANs: ['127.0.0.1', 'localhost', cp.ip, cp.name, ...openstackSANs(config)],
         extraArgs: [{ name: 'admission-control-config-file', value: `${nodePaths.admissionDir}/pod-security.yaml` }],
         extraVolumes: [{ name: 'admission', hostPath: nodePaths.admissionDir, mountPath: nodePaths.admissionDir, readOnly: true, pathType: 'Directory' }],
       },
     },
     kubelet,
   ];
+}
+
+/** target openstack: the API server's floating IP, where cluster.yaml names it, is in its certificate. */
+function openstackSANs(config: ClusterConfig): string[] {
+  const address = config.target === 'openstack' ? config.openstack?.floatingIp?.address : undefined;
+  return address ? [address] : [];
 }
 
 /** Settings that cluster.yaml owns: an override in fcc/kubeadm.yaml may not say otherwise. */

@@ -80,6 +80,11 @@ export const pkiStage: Stage = {
 };
 
 export function apiServerUrl(config: ClusterConfig): string {
+  // target openstack: the floating IP where one is configured (the certificate carries it), else the control plane on the cluster network.
+  if (config.target === 'openstack') {
+    const address = config.openstack?.floatingIp?.address ?? config.nodes.find((n) => n.role === 'control-plane')!.ip;
+    return `https://${address}:6443`;
+  }
   return `https://127.0.0.1:${config.hostPorts.apiServer}`;
 }
 

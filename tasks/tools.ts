@@ -21,6 +21,7 @@ export const toolCatalogue = {
   resize2fs: { debian: 'e2fsprogs', fedora: 'e2fsprogs', purpose: 'shrink the image disk to its content' },
   vde_switch: { debian: 'vde2', fedora: 'vde2', purpose: 'the virtual L2 between the nodes' },
   openssl: { debian: 'openssl', fedora: 'openssl', purpose: 'make the cluster CA' },
+  openstack: { debian: 'python3-openstackclient', fedora: 'python3-openstackclient', purpose: 'drive the cloud (target openstack)' },
 } as const satisfies Record<string, ToolSource>;
 
 export type ToolName = keyof typeof toolCatalogue;
