@@ -215,9 +215,9 @@ export function discoveryCalls(d: Desired): Call[] {
   const tag = d.cluster;
   const list = (args: string[], why: string): Call => ({ args, json: true, readOnly: true, why, resource: args[0]! });
   return [
-    list(['image', 'list', '--name', d.fcosImage.name], 'the FCOS image, if an earlier run uploaded it'),
-    list(['image', 'list', '--name', d.diskImage.name], 'the image disk image, if an earlier run uploaded it'),
-    list(['image', 'list', '--tag', tag], `images tagged ${tag}`),
+    list(['image', 'list', '--name', d.fcosImage.name, '--long'], 'the FCOS image, if an earlier run uploaded it'),
+    list(['image', 'list', '--name', d.diskImage.name, '--long'], 'the image disk image, if an earlier run uploaded it'),
+    list(['image', 'list', '--tag', tag, '--long'], `images tagged ${tag}`),
     list(['network', 'list', '--tags', tag], `networks tagged ${tag}`),
     list(['subnet', 'list', '--tags', tag], `subnets tagged ${tag}`),
     list(['router', 'list', '--tags', tag, '--long'], `routers tagged ${tag}`),
@@ -536,7 +536,9 @@ export function cliClient(cloud: string | undefined, options: { signal?: AbortSi
           if (code !== 0) return reject(new OpenstackCallError(call, cloud, stderr || stdout, code));
           if (!call.json) return resolve(undefined);
           try {
-            resolve(stdout.trim() ? JSON.parse(stdout) : undefined);
+            // `--wait` prints "Complete" (and progress) before the JSON document.
+            const start = stdout.search(/^[[{]/m);
+            resolve(start >= 0 ? JSON.parse(stdout.slice(start)) : undefined);
           } catch {
             reject(new UserError(`openstack: ${formatCall(call, cloud)} printed no JSON:\n${stdout.slice(0, 400)}`));
           }
@@ -664,9 +666,13 @@ export const openstackBootStage: Stage = {
       onCall: (call) => (task.output = `${++done}/${calls.length}: ${call.why}`),
       onWarning: (line) => process.stderr.write(`corekube: ${line}\n`),
     });
-    const after = await observe(d, client);
+    // The address of a floating IP the cloud allocated (one more list; everything else is known).
+    let fip = d.os.floatingIp?.address;
+    if (!fip && d.os.floatingIp) {
+      const list = discoveryCalls(d).find((c) => c.args[0] === 'floating')!;
+      fip = text(rows(await client.run(list))[0]?.['Floating IP Address']) || undefined;
+    }
     await mkdir(join(ctx.settings.outDir, 'openstack'), { recursive: true });
-    const fip = d.os.floatingIp?.address ?? after.floatingIps[0]?.address;
     const state = {
       cluster: d.cluster,
       cloud: cloudOf(ctx) ?? null,
