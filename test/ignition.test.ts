@@ -137,7 +137,9 @@ test('systemd-analyze verifies the units; shellcheck passes every boot script', 
   // image disk at boot); anything else systemd-analyze says is a defect in a unit.
   const complaints = `${result.stdout}${result.stderr}`
     .split('\n')
-    .filter((line) => line.trim() && !/is not executable: No such file or directory|Command .* is not executable|Failed to prepare filename|var-mnt-corekube\.mount: Failed to|Unit .* not found|Failed to create .*: Invalid argument|Failed to load unit file|Load error/i.test(line));
+    .filter((line) => line.trim() && !/is not executable: No such file or directory|Command .* is not executable|Failed to prepare filename|var-mnt-corekube\.mount: Failed to|Unit .* not found|Failed to create .*: Invalid argument|Failed to load unit file|Load error/i.test(line))
+    // A complaint about one of the host's own units (Debian's keystone.service orders itself After=keystone.service) is not ours.
+    .filter((line) => !/^[\w@.-]+\.(service|socket|target|mount|timer): /.test(line) || files.some((f) => line.startsWith(`${f.split('/').pop()}: `)));
   assert.equal(complaints, []);
   execFileSync('shellcheck', readdirSync(join(projectRoot, 'fcc', 'scripts')).map((f) => join(projectRoot, 'fcc', 'scripts', f)));
 });
