@@ -43,7 +43,10 @@ test.before(loud(async () => {
   await runStages(ws.context(), [pkiStage, ignitionStage], { renderer: 'silent' });
 }));
 
-test.after(() => { if (!process.env.KEEP) rmSync(work, { recursive: true, force: true }); });
+test.after(() => {
+  if (ws) rmSync(ws.dir, { recursive: true, force: true });
+  rmSync(work, { recursive: true, force: true });
+});
 
 /** Every file's path, mode, owner and content (or link target), for comparing two applied roots. */
 function describeTree(root: string): Record<string, string> {
