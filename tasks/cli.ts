@@ -15,7 +15,7 @@ import { ExitCode, InterruptedError, UserError } from './errors.ts';
 import { defaultLockFile } from './lock.ts';
 import { sshArgs } from './qemu.ts';
 import { RunContext, type RunSettings } from './stage.ts';
-import { dryRunPlan, openstackDown, openstackModes } from './openstack.ts';
+import { dryRunPlan, openstackDown, openstackModes, openstackSshArgs } from './openstack.ts';
 import { pinResults, pinStage } from './pin.ts';
 import { buildStages, stages, stagesFor } from './stages.ts';
 import { hostFamily, installCommands, missingTools, type ToolName } from './tools.ts';
@@ -141,7 +141,8 @@ async function main(argv: string[]): Promise<number> {
     const name = positionals[1] ?? env.NODE;
     const node = config.nodes.find((n) => n.name === name);
     if (!node) throw new UserError(`ssh: expected a node of ${config.file} (${config.nodes.map((n) => n.name).join(', ')}), found ${name ? `"${name}"` : 'none'}: make ssh NODE=name`, ExitCode.usage);
-    const result = spawnSync('ssh', sshArgs(config, node, positionals.slice(2)), { stdio: 'inherit' });
+    const onCloud = (targetOverride ?? config.target) === 'openstack';
+    const result = spawnSync('ssh', (onCloud ? openstackSshArgs : sshArgs)(config, node, positionals.slice(2)), { stdio: 'inherit' });
     if (result.error) throw new UserError(`ssh: could not run ssh: ${result.error.message} (install openssh-client)`);
     return (result.status ?? 1) as ExitCode;
   }

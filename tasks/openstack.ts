@@ -703,3 +703,14 @@ export async function openstackDown(ctx: RunContext, options: { purge: boolean; 
   await rm(join(ctx.settings.outDir, 'openstack'), { recursive: true, force: true });
   return calls;
 }
+
+/**
+ * `make ssh NODE=n` on the cloud: the control plane through the configured floating IP,
+ * every other node on its cluster address (from a host on the cluster network, or with
+ * `-J core@FLOATING_IP`); host keys change at every boot, so none is recorded.
+ */
+export function openstackSshArgs(config: ClusterConfig, node: NodeConfig, command: string[] = []): string[] {
+  const address = node.role === 'control-plane' && config.openstack?.floatingIp?.address ? config.openstack.floatingIp.address : node.ip;
+  const jump = node.role !== 'control-plane' && config.openstack?.floatingIp?.address ? ['-J', `core@${config.openstack.floatingIp.address}`] : [];
+  return ['-o', 'StrictHostKeyChecking=no', '-o', 'UserKnownHostsFile=/dev/null', '-o', 'LogLevel=ERROR', ...jump, `core@${address}`, ...command];
+}

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { parseCidr } from '../tasks/net.ts';
-import { checkUserData, emptyObserved, formatCall, planDown, planUp, userDataLimit, type Desired, type Observed } from '../tasks/openstack.ts';
+import { checkUserData, emptyObserved, formatCall, openstackSshArgs, planDown, planUp, userDataLimit, type Desired, type Observed } from '../tasks/openstack.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'corekube-osplan-'));
 mkdirSync(join(dir, 'ignition'));
@@ -104,6 +104,14 @@ test('user data: exactly at the limit passes, one byte over is refused', () => {
   checkUserData(d);
   writeFileSync(d.nodes[1]!.userData, Buffer.alloc(largest + 1, 'a'));
   assert.throws(() => checkUserData(d), /w1: .* in base64/);
+});
+
+test('make ssh on the cloud: the control plane by its floating IP, the others through it', () => {
+  const config = { openstack: { floatingIp: { network: 'public', address: '203.0.113.7' } } } as unknown as Parameters<typeof openstackSshArgs>[0];
+  const cp = { name: 'cp1', role: 'control-plane', ip: '10.77.0.10', cpus: 2, memoryMiB: 4096 } as const;
+  const w1 = { name: 'w1', role: 'worker', ip: '10.77.0.21', cpus: 2, memoryMiB: 2048 } as const;
+  assert.equal(openstackSshArgs(config, cp).slice(-1), ['core@203.0.113.7']);
+  assert.equal(openstackSshArgs(config, w1, ['uptime']).slice(-4), ['-J', 'core@203.0.113.7', 'core@10.77.0.21', 'uptime']);
 });
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
