@@ -100,6 +100,7 @@ export async function desiredResources(config: ClusterConfig, lock: Lock, outDir
   if (!fcos) throw new UserError(`${lock.file}: no fcos-openstack artifact: make pin TARGET=openstack`, ExitCode.config);
   const fcosSha = fcos.uncompressedSha256 ?? fcos.sha256;
   const fcosFile = join(outDir, artifactOutput(fcos));
+  if (!existsSync(fcosFile) && !options.dryRun) throw new UserError(`${fcosFile}: no FCOS openstack image yet (make fetch TARGET=openstack)`);
   const diskFile = join(outDir, diskOutput);
   const built = existsSync(diskFile);
   if (!built && !options.dryRun) throw new UserError(`${diskFile}: no image disk yet (make disk)`);
