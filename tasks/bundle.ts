@@ -27,7 +27,6 @@ import { ChecksumError, processAlive, sha256Hasher } from './cache.ts';
 import type { Progress } from './download.ts';
 import { acquireRunLock } from './engine.ts';
 import { UserError } from './errors.ts';
-import { formatBytes, progressMeter } from './fetch.ts';
 import { refName, storeDir } from './images.ts';
 import { artifactKeys, parseLock, storedSha256, type Lock } from './lock.ts';
 import {
@@ -44,6 +43,7 @@ import {
   withRef,
   type OciIndex,
 } from './oci.ts';
+import { formatBytes, progressMeter } from './progress.ts';
 import type { RunContext, StageTask } from './stage.ts';
 
 export const bundleFormat = 1;
