@@ -230,9 +230,10 @@ function tarEntryProblem(
   entry: TarEntry,
   expected: { path: string; offset: number; size?: number } | undefined,
   seen: ReadonlySet<string>,
+  describe: (name: string) => string = JSON.stringify,
 ): string | undefined {
   const { header, offset } = entry;
-  const name = JSON.stringify(header.name);
+  const name = describe(header.name);
   const pax = header.pax as Record<string, string> | null | undefined;
   if (pax) {
     const fields = Object.entries(pax).map(([key, value]) => `${key}=${value}`).join(', ');
@@ -715,7 +716,7 @@ class BundleReading {
     const manifest = this.#manifest;
     const entry = manifest?.entries[this.#next];
     const expected = !manifest ? { path: manifestEntry, offset: 0 } : entry ? { path: entry.path, offset: this.#offsets[this.#next]!, size: entry.size } : undefined;
-    const problem = tarEntryProblem(tar, expected, this.#seen);
+    const problem = tarEntryProblem(tar, expected, this.#seen, (name) => this.#label(name, JSON.stringify(name)));
     if (problem) throw this.#problem(`${problem}${this.#next === -1 ? ' (its first entry: is it a bundle at all?)' : ''}`);
     this.#seen.add(tar.header.name);
     if (!manifest) {
@@ -913,10 +914,11 @@ class BundleReading {
     return error;
   }
 
-  #label(path: string): string {
+  /** An entry's path for a message, with the artifact it holds where the lock names one: "cache/sha256/… (kubelet)". */
+  #label(path: string, shown = path): string {
     const hex = path.startsWith(artifactPrefix) ? path.slice(artifactPrefix.length) : undefined;
     const key = hex ? this.#artifactNames.get(hex) : undefined;
-    return key ? `${path} (${key})` : path;
+    return key ? `${shown} (${key})` : shown;
   }
 
   #problem(problem: string): UserError {
