@@ -2,7 +2,8 @@
 // carry into an air-gapped site, and back into a cache there. Actions, not stages: they
 // have no stamp and `make cluster` never runs them.
 //
-// The archive, in this order (ustar, written and read with tar-stream; the manifest and
+// The archive, in this order (ustar, written and read with tar-stream through archive.ts,
+// which refuses any entry but a plain file where the manifest puts it; the manifest and
 // the cache entries mode 0444, the four head entries 0644; owner 0:0, mtime 0, so the
 // same cache gives the same bytes):
 //   corekube-bundle.json        the manifest: every other entry's path, size and sha256
@@ -22,9 +23,9 @@
 // its sha256): sizes come from stat, and the bytes are hashed while they stream and
 // checked against the name, so a damaged cache entry aborts the bundle.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { chmod, mkdir, open, readFile, rename, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
+import { chmod, mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { extract, pack, type Header, type Pack } from 'tar-stream';
+import { BatchedWriter, readChunks, tarBlock, tarEntries, tarEntryProblem, tarFailure, tarLayout, writeTar, type TarEntry, type TarSource } from './archive.ts';
 import { ChecksumError, processAlive, sha256Hasher } from './cache.ts';
 import type { Progress } from './download.ts';
 import { acquireRunLock } from './engine.ts';
@@ -111,219 +112,10 @@ export function defaultBundlePath(ctx: RunContext): string {
   return join(ctx.settings.outDir, `corekube-bundle-${ctx.config.name}.tar`);
 }
 
-// ---- the archive: tar-stream, held to the one shape corekube writes ----
-//
-// tar-stream (mafintosh/tar-stream) writes and parses the tar format; corekube adds what
-// a bundle from another machine needs on top: every entry must be a plain regular file
-// whose name, header position and size are the ones the manifest gives it. No links, no
-// devices, no directories, no PAX or GNU long-name headers (which could rename an entry
-// behind the ustar name), no name twice, no path outside the tree.
-
-const block = 512;
-const chunkBytes = 4 << 20;
-const padding = (size: number) => (block - (size % block)) % block;
-
-/** Byte offset of each entry's header, and the archive's total size, for a manifest. */
+/** Byte offset of each entry's header (the manifest's, at 0, left out), and the archive's total size, for a manifest. */
 export function bundleLayout(manifestSize: number, entries: readonly BundleEntry[]): { offsets: number[]; total: number } {
-  let offset = block + manifestSize + padding(manifestSize);
-  const offsets: number[] = [];
-  for (const entry of entries) {
-    offsets.push(offset);
-    offset += block + entry.size + padding(entry.size);
-  }
-  return { offsets, total: offset + 2 * block };
-}
-
-/** Every entry's header: a regular file, owner 0:0, no user or group name, time 0, so the same cache gives the same bytes. */
-function entryHeader(name: string, size: number, mode: number): Header {
-  return { name, size, mode, type: 'file', uid: 0, gid: 0, uname: '', gname: '', mtime: new Date(0), linkname: '', devmajor: 0, devminor: 0 };
-}
-
-interface Emitter {
-  readonly destroyed: boolean;
-  once(event: 'drain' | 'close', listener: () => void): unknown;
-  off(event: 'drain' | 'close', listener: () => void): unknown;
-}
-
-/** Resolves when a stream wants more (or is gone, so a writer never waits for a drain that cannot come). */
-function drained(stream: Emitter): Promise<void> {
-  if (stream.destroyed) return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => {
-      stream.off('drain', done);
-      stream.off('close', done);
-      resolve();
-    };
-    stream.once('drain', done);
-    stream.once('close', done);
-  });
-}
-
-/** Appends one entry: its header, then its bytes as they come, waiting while the archive's reader is behind. */
-async function packEntry(archive: Pack, header: Header, chunks: Iterable<Buffer> | AsyncIterable<Buffer>): Promise<void> {
-  let settle: (error?: Error | null) => void = () => undefined;
-  const done = new Promise<void>((resolve, reject) => (settle = (error) => (error ? reject(error) : resolve())));
-  done.catch(() => undefined); // awaited below; a failure before then surfaces through the archive
-  const sink = archive.entry(header, settle);
-  for await (const chunk of chunks) {
-    if (!sink.write(chunk)) await drained(sink as unknown as Emitter);
-    if (sink.destroyed) break;
-  }
-  if (!sink.destroyed) sink.end(null);
-  await done;
-}
-
-/** What tar-stream says when the input ends inside a header or an entry's bytes. */
-const endOfData = 'Unexpected end of data';
-/** What tar-stream says of a header it cannot parse (a bad checksum, an unknown format, a header too large). */
-const badHeader = /^(Invalid tar header|Invalid header|Header exceeds max size)/;
-
-/** One parsed entry: its header as tar-stream reports it (after any PAX or GNU long-name header), the offset of its own header, its bytes. */
-interface TarEntry extends AsyncIterable<unknown> {
-  header: Header;
-  offset: number;
-}
-
-/**
- * The entries of a tar stream, parsed by tar-stream while `chunks` feed it (at most a
- * few chunks ahead of the reader). Each entry's bytes must be read to the end before
- * the next entry comes. Leaving early stops the feeding.
- */
-async function* tarEntries(chunks: AsyncIterable<Buffer>): AsyncGenerator<TarEntry> {
-  const extractor = extract();
-  const feeding = (async () => {
-    for await (const chunk of chunks) {
-      if (extractor.destroyed) return;
-      if (!extractor.write(chunk)) await drained(extractor as unknown as Emitter);
-    }
-    extractor.end(null);
-  })().catch((error: unknown) => extractor.destroy(error as Error));
-  try {
-    for await (const entry of extractor) yield entry as TarEntry;
-  } finally {
-    extractor.destroy();
-    await feeding;
-  }
-}
-
-const tarTypeNames: Record<string, string> = {
-  link: 'a hard link',
-  symlink: 'a symbolic link',
-  directory: 'a directory',
-  'block-device': 'a block device',
-  'character-device': 'a character device',
-  fifo: 'a FIFO',
-  'contiguous-file': 'a contiguous file (tar type 7)',
-};
-
-/** A name that would land outside the directory it is extracted into (or nowhere). */
-function escapingPath(name: string): boolean {
-  return name === '' || name.startsWith('/') || name.includes('\\') || name.includes('\0') || name.split('/').includes('..');
-}
-
-/**
- * The checks on a tar header before any of its bytes are read: what tar-stream parsed
- * must be exactly the plain entry the manifest puts at this offset. Returns the problem,
- * naming the entry, or undefined.
- */
-function tarEntryProblem(
-  entry: TarEntry,
-  expected: { path: string; offset: number; size?: number } | undefined,
-  seen: ReadonlySet<string>,
-  describe: (name: string) => string = JSON.stringify,
-): string | undefined {
-  const { header, offset } = entry;
-  const name = describe(header.name);
-  const pax = header.pax as Record<string, string> | null | undefined;
-  if (pax) {
-    const fields = Object.entries(pax).map(([key, value]) => `${key}=${value}`).join(', ');
-    return `entry ${name} at byte ${offset} comes with a PAX extended header (${fields}), which could rename it; corekube writes none`;
-  }
-  if (escapingPath(header.name)) return `entry ${name} at byte ${offset}: a path outside the bundle's tree (absolute, or with ..)`;
-  if (header.type !== 'file') {
-    const what = tarTypeNames[header.type] ?? `tar type ${String(header.type)}`;
-    return `entry ${name} at byte ${offset} is ${what}${header.linkname ? ` to ${JSON.stringify(header.linkname)}` : ''}, not a regular file`;
-  }
-  if (seen.has(header.name)) return `entry ${name} appears a second time, at byte ${offset}`;
-  if (!expected) return `expected the end of the archive, found entry ${name} at byte ${offset}`;
-  if (offset !== expected.offset) {
-    return `entry ${name} at byte ${offset}, where ${expected.path} was expected at byte ${expected.offset}: an extra header (GNU long name or other) before it`;
-  }
-  if (header.name !== expected.path) return `expected entry ${expected.path} at byte ${expected.offset}, found ${name}`;
-  if (expected.size !== undefined && header.size !== expected.size) {
-    return `entry ${name} has ${header.size} bytes in its tar header, the manifest says ${expected.size}`;
-  }
-  return undefined;
-}
-
-/** A file's bytes in chunks of a few MiB, the next read already under way. */
-async function* readChunks(file: string, signal?: AbortSignal): AsyncGenerator<Buffer> {
-  const handle = await open(file, 'r');
-  let next: Promise<{ bytesRead: number; buffer: Buffer }> | undefined;
-  try {
-    next = handle.read(Buffer.allocUnsafe(chunkBytes), 0, chunkBytes, null);
-    for (;;) {
-      const { bytesRead, buffer } = await next;
-      next = undefined;
-      if (bytesRead === 0) return;
-      signal?.throwIfAborted();
-      next = handle.read(Buffer.allocUnsafe(chunkBytes), 0, chunkBytes, null);
-      yield buffer.subarray(0, bytesRead);
-    }
-  } finally {
-    await next?.catch(() => undefined);
-    await handle.close();
-  }
-}
-
-/** Buffers gathered into writes of a few MiB, one write in flight while the next batch fills. */
-class BatchedWriter {
-  readonly #file: FileHandle;
-  #batch: Buffer[] = [];
-  #batchBytes = 0;
-  #inFlight: Promise<void> = Promise.resolve();
-  written = 0;
-
-  constructor(file: FileHandle) {
-    this.#file = file;
-  }
-
-  async push(chunk: Buffer): Promise<void> {
-    this.#batch.push(chunk);
-    this.#batchBytes += chunk.length;
-    this.written += chunk.length;
-    if (this.#batchBytes >= chunkBytes) await this.#send();
-  }
-
-  async flush(): Promise<void> {
-    if (this.#batch.length > 0) await this.#send();
-    await this.#inFlight;
-  }
-
-  async #send(): Promise<void> {
-    const buffers = this.#batch;
-    this.#batch = [];
-    this.#batchBytes = 0;
-    await this.#inFlight;
-    this.#inFlight = this.#writeAll(buffers);
-  }
-
-  async #writeAll(buffers: Buffer[]): Promise<void> {
-    let pending = buffers;
-    while (pending.length > 0) {
-      const { bytesWritten } = await this.#file.writev(pending);
-      let skipBytes = bytesWritten;
-      const rest: Buffer[] = [];
-      for (const buffer of pending) {
-        if (skipBytes >= buffer.length) skipBytes -= buffer.length;
-        else {
-          rest.push(skipBytes > 0 ? buffer.subarray(skipBytes) : buffer);
-          skipBytes = 0;
-        }
-      }
-      pending = rest;
-    }
-  }
+  const { offsets, total } = tarLayout([manifestSize, ...entries.map((e) => e.size)]);
+  return { offsets: offsets.slice(1), total };
 }
 
 const sha256Hex = (bytes: Buffer | string) => sha256Hasher().update(bytes).digest('hex');
@@ -418,7 +210,24 @@ export async function writeBundle(ctx: RunContext, file: string = defaultBundleP
     await rm(tmp, { force: true });
     const handle = await open(tmp, 'wx', 0o644);
     try {
-      await writeArchive(handle, manifestBytes, sources, ctx.signal, { received: 0, total }, options.onProgress);
+      // The small entries 0644 (an extracted cluster.yaml can be edited), the manifest and the cache entries 0444.
+      const entries: TarSource[] = [
+        { name: manifestEntry, size: manifestBytes.length, mode: 0o444, chunks: () => [manifestBytes] },
+        ...sources.map((source): TarSource => ({
+          name: source.entry.path,
+          size: source.entry.size,
+          mode: source.data ? 0o644 : 0o444,
+          chunks: () => (source.data ? [source.data] : checkedChunks(source, ctx.signal)),
+        })),
+      ];
+      const progress = { received: 0, total };
+      await writeTar(handle, entries, {
+        signal: ctx.signal,
+        onWritten: (bytes) => {
+          progress.received += bytes;
+          options.onProgress?.(progress);
+        },
+      });
     } finally {
       await handle.close();
     }
@@ -445,50 +254,6 @@ export async function writeBundle(ctx: RunContext, file: string = defaultBundleP
   } finally {
     await runLock.release();
   }
-}
-
-/**
- * The archive itself: tar-stream packs the manifest, then every source in order (the
- * small ones 0644, so an extracted cluster.yaml can be edited; cache entries 0444), while
- * this side writes what it produces in batches. A damaged or changed cache entry stops it.
- */
-async function writeArchive(
-  handle: FileHandle,
-  manifestBytes: Buffer,
-  sources: readonly Source[],
-  signal: AbortSignal,
-  progress: Progress,
-  onProgress: ((progress: Progress) => void) | undefined,
-): Promise<void> {
-  const archive = pack();
-  let failure: unknown;
-  const packing = (async () => {
-    await packEntry(archive, entryHeader(manifestEntry, manifestBytes.length, 0o444), [manifestBytes]);
-    for (const source of sources) {
-      signal.throwIfAborted();
-      const { entry } = source;
-      await packEntry(archive, entryHeader(entry.path, entry.size, source.data ? 0o644 : 0o444), source.data ? [source.data] : checkedChunks(source, signal));
-    }
-    archive.finalize();
-  })().catch((error: unknown) => {
-    failure = error;
-    archive.destroy(error as Error);
-  });
-  const out = new BatchedWriter(handle);
-  try {
-    for await (const chunk of archive) {
-      await out.push(chunk as Buffer);
-      progress.received += (chunk as Buffer).length;
-      onProgress?.(progress);
-    }
-    await out.flush();
-  } catch (error) {
-    archive.destroy(error as Error);
-    throw failure ?? error;
-  } finally {
-    await packing;
-  }
-  if (failure) throw failure;
 }
 
 /** A cache entry's bytes for the archive, hashed on the way and checked against its name and size at the end. */
@@ -813,10 +578,10 @@ class BundleReading {
   #checkLength(): void {
     if (this.#size >= this.#total) return;
     const entries = this.#manifest!.entries;
-    const cut = this.#offsets.findIndex((offset, i) => offset + block + entries[i]!.size > this.#size);
+    const cut = this.#offsets.findIndex((offset, i) => offset + tarBlock + entries[i]!.size > this.#size);
     const first = cut < 0 ? entries.length : cut;
     const entry = entries[first];
-    const headerEnd = this.#offsets[first]! + block;
+    const headerEnd = this.#offsets[first]! + tarBlock;
     const inside = entry && this.#size > headerEnd ? `  cut short: ${this.#label(entry.path)} (${this.#size - headerEnd} of ${entry.size} bytes)\n` : '';
     throw this.#truncated(this.#size, `${inside}${this.#missingFrom(inside ? first + 1 : first)}`);
   }
@@ -900,14 +665,15 @@ class BundleReading {
   /** tar-stream's failures in the bundle's terms: where the bytes ran out, or which header is damaged. */
   #explain(error: unknown): unknown {
     if (!(error instanceof Error) || error instanceof UserError) return error;
-    if (error.message === endOfData) {
+    const failure = tarFailure(error);
+    if (failure === 'truncated') {
       if (!this.#manifest) return this.#truncated(this.#progress.received, `  cut short: the manifest ${manifestEntry}; nothing can be verified`);
       const current = this.#current;
       const inside = current ? `  cut short: ${this.#label(current.path)} (${current.got} of ${current.size} bytes)\n` : '';
       return this.#truncated(this.#progress.received, `${inside}${this.#missingFrom(this.#next)}`);
     }
-    if (badHeader.test(error.message)) {
-      const at = this.#next === -1 ? 0 : (this.#offsets[this.#next] ?? this.#total - 2 * block);
+    if (failure === 'bad header') {
+      const at = this.#next === -1 ? 0 : (this.#offsets[this.#next] ?? this.#total - 2 * tarBlock);
       const where = this.#next === -1 ? ' (its first header: is it a bundle at all?)' : '';
       return this.#problem(`a damaged tar header at byte ${at} (${error.message.replace(/\.$/, '')})${where}`);
     }
