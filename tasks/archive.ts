@@ -81,6 +81,7 @@ async function packEntry(archive: Pack, header: Header, chunks: Iterable<Buffer>
   const done = new Promise<void>((resolve, reject) => (settle = (error) => (error ? reject(error) : resolve())));
   done.catch(() => undefined); // awaited below; a failure before then surfaces through the archive
   const sink = archive.entry(header, settle);
+  sink.on('error', () => undefined); // reported through `done` and the archive, not as an uncaught event
   for await (const chunk of chunks) {
     if (!sink.write(chunk)) await drained(sink as unknown as Emitter);
     if (sink.destroyed) break;
@@ -124,6 +125,7 @@ export interface TarEntry extends AsyncIterable<unknown> {
  */
 export async function* tarEntries(chunks: AsyncIterable<Buffer>): AsyncGenerator<TarEntry> {
   const extractor = extract();
+  extractor.on('error', () => undefined); // reported through the iteration below, not as an uncaught event
   const feeding = (async () => {
     for await (const chunk of chunks) {
       if (extractor.destroyed) return;

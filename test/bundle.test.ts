@@ -6,7 +6,7 @@
 // are hostile ones (links, devices, paths leaving the tree, PAX renames, a name twice).
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -151,6 +151,22 @@ test('make bundle: one tar, the manifest first, every entry the lock needs, read
   const again = await writeBundle(warm.context(), join(work, 'again.tar'));
   assert.is(sha256(join(work, 'again.tar')), sha256(bundleFile));
   assert.is(again.id, summary.id);
+});
+
+test('a damaged cache entry stops the bundle, naming the entry; no bundle and no temporary file are left', async () => {
+  const cacheDir = join(work, 'damaged-cache');
+  execFileSync('cp', ['-a', warm.cacheDir, cacheDir]);
+  const kubelet = join(cacheDir, 'sha256', tree.artifacts.kubelet!.sha256);
+  chmodSync(kubelet, 0o644);
+  const fd = openSync(kubelet, 'r+');
+  writeSync(fd, Buffer.from('X'), 0, 1, 100);
+  closeSync(fd);
+  const out = join(work, 'damaged-out');
+  const error = await refusal(() => writeBundle(warm.context({ cacheDir }), join(out, 'damaged.tar')));
+  assert.instance(error, ChecksumError);
+  assert.match(error.message, new RegExp(`cache entry ${kubelet.replace(/[.]/g, '\\.')} \\(artifact kubelet\\)`));
+  assert.match(error.message, /no bundle was written/);
+  assert.equal(listFiles(out), [], 'neither the bundle nor its temporary file');
 });
 
 test('a cache that lacks what the lock needs is not bundled: names each missing artifact and image, writes nothing', async () => {
