@@ -4,15 +4,14 @@
 // regular file (owner 0:0, time 0, no user or group name) at the offset the caller
 // expects, with the name and size it expects: no links, devices or directories, no PAX or
 // GNU long-name headers (which could rename an entry behind its plain header), no name
-// twice, no path outside the tree. Plus the file I/O both directions share: chunked reads
-// with the next read under way, and batched writes.
-import { open, type FileHandle } from 'node:fs/promises';
+// twice, no path outside the tree.
+import type { FileHandle } from 'node:fs/promises';
 import { extract, pack, type Header, type Pack } from 'tar-stream';
+import { BatchedWriter } from './chunks.ts';
 
 /** A tar block: each header is one, each entry's bytes are padded to whole ones. */
 export const tarBlock = 512;
 const block = tarBlock;
-const chunkBytes = 4 << 20;
 const padding = (size: number) => (block - (size % block)) % block;
 
 /** Byte offset of each entry's header and the archive's total size (end marker included), for entries of these sizes. */
@@ -201,74 +200,4 @@ export function tarEntryProblem(
     return `entry ${name} has ${header.size} bytes in its tar header, the manifest says ${expected.size}`;
   }
   return undefined;
-}
-
-// ---- file I/O for both directions ----
-
-/** A file's bytes in chunks of a few MiB, the next read already under way. */
-export async function* readChunks(file: string, signal?: AbortSignal): AsyncGenerator<Buffer> {
-  const handle = await open(file, 'r');
-  let next: Promise<{ bytesRead: number; buffer: Buffer }> | undefined;
-  try {
-    next = handle.read(Buffer.allocUnsafe(chunkBytes), 0, chunkBytes, null);
-    for (;;) {
-      const { bytesRead, buffer } = await next;
-      next = undefined;
-      if (bytesRead === 0) return;
-      signal?.throwIfAborted();
-      next = handle.read(Buffer.allocUnsafe(chunkBytes), 0, chunkBytes, null);
-      yield buffer.subarray(0, bytesRead);
-    }
-  } finally {
-    await next?.catch(() => undefined);
-    await handle.close();
-  }
-}
-
-/** Buffers gathered into writes of a few MiB, one write in flight while the next batch fills. */
-export class BatchedWriter {
-  readonly #file: FileHandle;
-  #batch: Buffer[] = [];
-  #batchBytes = 0;
-  #inFlight: Promise<void> = Promise.resolve();
-
-  constructor(file: FileHandle) {
-    this.#file = file;
-  }
-
-  async push(chunk: Buffer): Promise<void> {
-    this.#batch.push(chunk);
-    this.#batchBytes += chunk.length;
-    if (this.#batchBytes >= chunkBytes) await this.#send();
-  }
-
-  async flush(): Promise<void> {
-    if (this.#batch.length > 0) await this.#send();
-    await this.#inFlight;
-  }
-
-  async #send(): Promise<void> {
-    const buffers = this.#batch;
-    this.#batch = [];
-    this.#batchBytes = 0;
-    await this.#inFlight;
-    this.#inFlight = this.#writeAll(buffers);
-  }
-
-  async #writeAll(buffers: Buffer[]): Promise<void> {
-    let pending = buffers;
-    while (pending.length > 0) {
-      const { bytesWritten } = await this.#file.writev(pending);
-      let skipBytes = bytesWritten;
-      const rest: Buffer[] = [];
-      for (const buffer of pending) {
-        if (skipBytes >= buffer.length) skipBytes -= buffer.length;
-        else {
-          rest.push(skipBytes > 0 ? buffer.subarray(skipBytes) : buffer);
-          skipBytes = 0;
-        }
-      }
-      pending = rest;
-    }
-  }
 }

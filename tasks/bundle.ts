@@ -25,8 +25,9 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { BatchedWriter, readChunks, tarBlock, tarEntries, tarEntryProblem, tarFailure, tarLayout, writeTar, type TarEntry, type TarSource } from './archive.ts';
+import { tarBlock, tarEntries, tarEntryProblem, tarFailure, tarLayout, writeTar, type TarEntry, type TarSource } from './archive.ts';
 import { ChecksumError, processAlive, sha256Hasher } from './cache.ts';
+import { BatchedWriter, readChunks } from './chunks.ts';
 import type { Progress } from './download.ts';
 import { acquireRunLock } from './engine.ts';
 import { UserError } from './errors.ts';

@@ -2,12 +2,13 @@
 // streams, verified before it lands), then hardlinked into out/artifacts/.
 import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
-import { open, readdir, rm, type FileHandle } from 'node:fs/promises';
+import { open, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pLimit from 'p-limit';
 import { ChecksumError, placeLink, removeQuietly, sameFile, sha256Hasher, type Cache } from './cache.ts';
+import { BatchedWriter } from './chunks.ts';
 import { mirrorUrl } from './config.ts';
 import { downloadChunks, type DownloadOptions } from './download.ts';
 import { OfflineError, UserError } from './errors.ts';
@@ -171,7 +172,7 @@ async function writeHashed(chunks: AsyncIterable<Buffer>, path: string): Promise
   let size = 0;
   const file = await open(path, 'wx');
   try {
-    const writer = batchedWriter(file);
+    const writer = new BatchedWriter(file);
     for await (const chunk of chunks) {
       hash.update(chunk);
       size += chunk.length;
@@ -182,55 +183,6 @@ async function writeHashed(chunks: AsyncIterable<Buffer>, path: string): Promise
     await file.close();
   }
   return { sha256: hash.digest('hex'), size };
-}
-
-const writeBatchBytes = 4 << 20;
-
-/** Collects buffers and writes them in batches, one writev in flight at a time. */
-function batchedWriter(file: FileHandle): { push(chunk: Buffer): Promise<void>; flush(): Promise<void> } {
-  let batch: Buffer[] = [];
-  let batchBytes = 0;
-  let inFlight: Promise<void> = Promise.resolve();
-  const writeAll = async (buffers: Buffer[]) => {
-    let pending = buffers;
-    while (pending.length > 0) {
-      const { bytesWritten } = await file.writev(pending);
-      pending = skipBytes(pending, bytesWritten);
-    }
-  };
-  const send = async () => {
-    const buffers = batch;
-    batch = [];
-    batchBytes = 0;
-    await inFlight;
-    inFlight = writeAll(buffers);
-  };
-  return {
-    async push(chunk) {
-      batch.push(chunk);
-      batchBytes += chunk.length;
-      if (batchBytes >= writeBatchBytes) await send();
-    },
-    async flush() {
-      if (batch.length > 0) await send();
-      await inFlight;
-    },
-  };
-}
-
-/** The buffers after the first `count` bytes (a short writev). */
-function skipBytes(buffers: Buffer[], count: number): Buffer[] {
-  let remaining = count;
-  const rest: Buffer[] = [];
-  for (const buffer of buffers) {
-    if (remaining >= buffer.length) {
-      remaining -= buffer.length;
-      continue;
-    }
-    rest.push(remaining > 0 ? buffer.subarray(remaining) : buffer);
-    remaining = 0;
-  }
-  return rest;
 }
 
 /**
