@@ -33,7 +33,6 @@ export interface PlanEntry {
   verdict: Verdict;
 }
 
-
 export interface RunOptions {
   dryRun?: boolean;
   renderer?: Renderer;
