@@ -16,11 +16,23 @@ import { indentTail, runTool, ToolError } from './tool.ts';
 
 export const switchPidFile = join(runDir, 'switch.pid');
 
-/** The test-only stand-in (kernel + initramfs) from the environment; unset for real nodes. */
+/**
+ * The test-only stand-in from the environment; unset for real nodes. KERNEL + INITRD
+ * (+ APPEND): an appliance booted instead of FCOS; with DISK too, a qcow2 OS disk in the
+ * FCOS image's place, booted by that kernel and initramfs (test/fixtures/standin-node.ts).
+ */
 export function standInFromEnv(env = process.env): StandIn | undefined {
-  if (!env.COREKUBE_STANDIN_KERNEL) return undefined;
+  if (!env.COREKUBE_STANDIN_KERNEL) {
+    if (env.COREKUBE_STANDIN_DISK) throw new UserError('COREKUBE_STANDIN_DISK is set but COREKUBE_STANDIN_KERNEL is not: a stand-in disk boots with a kernel and initramfs (tests only)');
+    return undefined;
+  }
   if (!env.COREKUBE_STANDIN_INITRD) throw new UserError('COREKUBE_STANDIN_KERNEL is set but COREKUBE_STANDIN_INITRD is not: a stand-in needs both (tests only)');
-  return { kernel: env.COREKUBE_STANDIN_KERNEL, initrd: env.COREKUBE_STANDIN_INITRD, append: env.COREKUBE_STANDIN_APPEND };
+  return {
+    kernel: env.COREKUBE_STANDIN_KERNEL,
+    initrd: env.COREKUBE_STANDIN_INITRD,
+    append: env.COREKUBE_STANDIN_APPEND,
+    ...(env.COREKUBE_STANDIN_DISK ? { disk: env.COREKUBE_STANDIN_DISK } : {}),
+  };
 }
 
 export function pathsFor(ctx: RunContext, node: NodeConfig): NodePaths {
@@ -77,7 +89,8 @@ export const bootStage: Stage = {
     const standIn = standInFromEnv();
     for (const node of config.nodes) {
       const paths = pathsFor(ctx, node);
-      for (const [what, file] of [['Ignition config', paths.ignition], ['image disk', paths.disk], ...(standIn ? [] : [['FCOS image', paths.image]])] as const) {
+      const osImage = standIn ? (standIn.disk ? [['stand-in OS disk (COREKUBE_STANDIN_DISK)', standIn.disk]] : []) : [['FCOS image', paths.image]];
+      for (const [what, file] of [['Ignition config', paths.ignition], ['image disk', paths.disk], ...osImage] as const) {
         if (!existsSync(file)) throw new UserError(`${node.name}: the ${what} ${file} is missing (make cluster builds it)`);
       }
     }

@@ -2,8 +2,10 @@
 // carry into an air-gapped site, and back into a cache there. Actions, not stages: they
 // have no stamp and `make cluster` never runs them.
 //
-// The archive, in this order (ustar, written by the streaming writer below, mode 0444,
-// owner 0:0, mtime 0, so the same cache gives the same bytes):
+// The archive, in this order (ustar, written and read with tar-stream through archive.ts,
+// which refuses any entry but a plain file where the manifest puts it; the manifest and
+// the cache entries mode 0444, the four head entries 0644; owner 0:0, mtime 0, so the
+// same cache gives the same bytes):
 //   corekube-bundle.json        the manifest: every other entry's path, size and sha256
 //   corekube.lock.yaml          the lock, cluster.yaml: the project's, as they are
 //   cluster.yaml
@@ -21,13 +23,14 @@
 // its sha256): sizes come from stat, and the bytes are hashed while they stream and
 // checked against the name, so a damaged cache entry aborts the bundle.
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { chmod, mkdir, open, readFile, rename, rm, stat, writeFile, type FileHandle } from 'node:fs/promises';
+import { chmod, mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { tarBlock, tarEntries, tarEntryProblem, tarFailure, tarLayout, writeTar, type TarEntry, type TarSource } from './archive.ts';
 import { ChecksumError, processAlive, sha256Hasher } from './cache.ts';
+import { BatchedWriter, readChunks } from './chunks.ts';
 import type { Progress } from './download.ts';
 import { acquireRunLock } from './engine.ts';
 import { UserError } from './errors.ts';
-import { formatBytes, progressMeter } from './fetch.ts';
 import { refName, storeDir } from './images.ts';
 import { artifactKeys, parseLock, storedSha256, type Lock } from './lock.ts';
 import {
@@ -44,6 +47,7 @@ import {
   withRef,
   type OciIndex,
 } from './oci.ts';
+import { formatBytes, progressMeter } from './progress.ts';
 import type { RunContext, StageTask } from './stage.ts';
 
 export const bundleFormat = 1;
@@ -109,244 +113,10 @@ export function defaultBundlePath(ctx: RunContext): string {
   return join(ctx.settings.outDir, `corekube-bundle-${ctx.config.name}.tar`);
 }
 
-// ---- ustar ----
-
-const block = 512;
-const chunkBytes = 4 << 20;
-const padding = (size: number) => (block - (size % block)) % block;
-
-function putString(header: Buffer, text: string, offset: number, length: number): void {
-  const bytes = Buffer.from(text, 'utf8');
-  if (bytes.length > length) throw new Error(`tar: "${text}" does not fit in ${length} bytes`);
-  bytes.copy(header, offset);
-}
-
-function putOctal(header: Buffer, value: number, offset: number, length: number): void {
-  header.write(`${value.toString(8).padStart(length - 1, '0')}\0`, offset, length, 'latin1');
-}
-
-export function tarHeader(name: string, size: number, mode: number): Buffer {
-  const header = Buffer.alloc(block);
-  putString(header, name, 0, 100);
-  putOctal(header, mode, 100, 8);
-  putOctal(header, 0, 108, 8); // uid
-  putOctal(header, 0, 116, 8); // gid
-  if (size < 8 ** 11) {
-    putOctal(header, size, 124, 12);
-  } else {
-    // GNU base-256, which GNU tar and bsdtar read: sizes of 8 GiB and more.
-    header[124] = 0x80;
-    let rest = BigInt(size);
-    for (let i = 135; i > 124; i--) {
-      header[i] = Number(rest & 0xffn);
-      rest >>= 8n;
-    }
-  }
-  putOctal(header, 0, 136, 12); // mtime: fixed, the bundle is reproducible
-  header.fill(0x20, 148, 156);
-  header.write('0', 156, 'latin1'); // a regular file
-  header.write('ustar\0' + '00', 257, 'latin1');
-  let sum = 0;
-  for (const byte of header) sum += byte;
-  header.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 8, 'latin1');
-  return header;
-}
-
-interface TarHeader {
-  name: string;
-  size: number;
-  type: string;
-}
-
-function cString(buffer: Buffer, offset: number, length: number): string {
-  const end = buffer.indexOf(0, offset);
-  return buffer.toString('utf8', offset, end < 0 || end > offset + length ? offset + length : end);
-}
-
-/** A header block, or undefined for a zero block (end of archive); throws on a damaged one. */
-function parseHeader(header: Buffer): TarHeader | undefined {
-  if (header.every((byte) => byte === 0)) return undefined;
-  let sum = 0;
-  for (let i = 0; i < block; i++) sum += i >= 148 && i < 156 ? 0x20 : header[i]!;
-  const stored = parseInt(cString(header, 148, 8).trim(), 8);
-  if (stored !== sum) throw new TarFormatError('a tar header whose checksum does not match');
-  let size: number;
-  if (header[124]! & 0x80) {
-    let value = 0n;
-    for (let i = 125; i < 136; i++) value = (value << 8n) | BigInt(header[i]!);
-    size = Number(value);
-  } else {
-    size = parseInt(cString(header, 124, 12).trim() || '0', 8);
-  }
-  if (!Number.isSafeInteger(size) || size < 0) throw new TarFormatError('a tar header with no valid size');
-  let name = cString(header, 0, 100);
-  const prefix = header.toString('latin1', 257, 262) === 'ustar' ? cString(header, 345, 155) : '';
-  if (prefix) name = `${prefix}/${name}`;
-  return { name, size, type: String.fromCharCode(header[156]!) };
-}
-
-class TarFormatError extends Error {
-  /** Byte offset in the archive of the block at fault. */
-  offset = 0;
-}
-
-interface Sink {
-  write(chunk: Buffer): Promise<void> | void;
-  end(): Promise<void> | void;
-}
-
-/** Where reading stopped when the bytes ran out. */
-class TarTruncated extends Error {
-  readonly atEntry: string | undefined;
-  readonly got: number;
-  readonly size: number;
-  constructor(atEntry: string | undefined, got: number, size: number) {
-    super('truncated');
-    this.atEntry = atEntry;
-    this.got = got;
-    this.size = size;
-  }
-}
-
-/**
- * Walks a tar stream once: `onEntry` gets each header and returns where its bytes go.
- * Ends at the end-of-archive marker (two zero blocks); bytes after it are ignored.
- */
-async function walkTar(chunks: AsyncIterable<Buffer>, onEntry: (header: TarHeader) => Promise<Sink> | Sink): Promise<void> {
-  const header = Buffer.alloc(block);
-  let filled = 0;
-  let zeros = 0;
-  let current: { header: TarHeader; sink: Sink; remaining: number } | undefined;
-  let skip = 0;
-  let consumed = 0; // bytes of the archive before this chunk
-  for await (const chunk of chunks) {
-    let offset = 0;
-    while (offset < chunk.length) {
-      if (current) {
-        const n = Math.min(current.remaining, chunk.length - offset);
-        await current.sink.write(chunk.subarray(offset, offset + n));
-        offset += n;
-        current.remaining -= n;
-        if (current.remaining === 0) {
-          await current.sink.end();
-          skip = padding(current.header.size);
-          current = undefined;
-        }
-      } else if (skip > 0) {
-        const n = Math.min(skip, chunk.length - offset);
-        offset += n;
-        skip -= n;
-      } else {
-        const n = Math.min(block - filled, chunk.length - offset);
-        chunk.copy(header, filled, offset, offset + n);
-        filled += n;
-        offset += n;
-        if (filled < block) continue;
-        filled = 0;
-        const at = consumed + offset - block;
-        const fail = (message: string) => Object.assign(new TarFormatError(message), { offset: at });
-        let parsed: TarHeader | undefined;
-        try {
-          parsed = parseHeader(header);
-        } catch (error) {
-          throw error instanceof TarFormatError ? fail(error.message) : error;
-        }
-        if (!parsed) {
-          if (++zeros === 2) return;
-          continue;
-        }
-        if (zeros > 0) throw fail('an entry after the end-of-archive marker');
-        if (parsed.type !== '0' && parsed.type !== '\0') throw fail(`entry ${parsed.name} is not a regular file (tar type "${parsed.type}")`);
-        const sink = await onEntry(parsed);
-        if (parsed.size === 0) await sink.end();
-        else current = { header: parsed, sink, remaining: parsed.size };
-      }
-    }
-    consumed += chunk.length;
-  }
-  if (current) throw new TarTruncated(current.header.name, current.header.size - current.remaining, current.header.size);
-  throw new TarTruncated(undefined, 0, 0);
-}
-
-/** A file's bytes in chunks of a few MiB, the next read already under way. */
-async function* readChunks(file: string, signal?: AbortSignal): AsyncGenerator<Buffer> {
-  const handle = await open(file, 'r');
-  let next: Promise<{ bytesRead: number; buffer: Buffer }> | undefined;
-  try {
-    next = handle.read(Buffer.allocUnsafe(chunkBytes), 0, chunkBytes, null);
-    for (;;) {
-      const { bytesRead, buffer } = await next;
-      next = undefined;
-      if (bytesRead === 0) return;
-      signal?.throwIfAborted();
-      next = handle.read(Buffer.allocUnsafe(chunkBytes), 0, chunkBytes, null);
-      yield buffer.subarray(0, bytesRead);
-    }
-  } finally {
-    await next?.catch(() => undefined);
-    await handle.close();
-  }
-}
-
-/** Buffers gathered into writes of a few MiB, one write in flight while the next batch fills. */
-class BatchedWriter {
-  readonly #file: FileHandle;
-  #batch: Buffer[] = [];
-  #batchBytes = 0;
-  #inFlight: Promise<void> = Promise.resolve();
-  written = 0;
-
-  constructor(file: FileHandle) {
-    this.#file = file;
-  }
-
-  async push(chunk: Buffer): Promise<void> {
-    this.#batch.push(chunk);
-    this.#batchBytes += chunk.length;
-    this.written += chunk.length;
-    if (this.#batchBytes >= chunkBytes) await this.#send();
-  }
-
-  async flush(): Promise<void> {
-    if (this.#batch.length > 0) await this.#send();
-    await this.#inFlight;
-  }
-
-  async #send(): Promise<void> {
-    const buffers = this.#batch;
-    this.#batch = [];
-    this.#batchBytes = 0;
-    await this.#inFlight;
-    this.#inFlight = this.#writeAll(buffers);
-  }
-
-  async #writeAll(buffers: Buffer[]): Promise<void> {
-    let pending = buffers;
-    while (pending.length > 0) {
-      const { bytesWritten } = await this.#file.writev(pending);
-      let skipBytes = bytesWritten;
-      const rest: Buffer[] = [];
-      for (const buffer of pending) {
-        if (skipBytes >= buffer.length) skipBytes -= buffer.length;
-        else {
-          rest.push(skipBytes > 0 ? buffer.subarray(skipBytes) : buffer);
-          skipBytes = 0;
-        }
-      }
-      pending = rest;
-    }
-  }
-}
-
-/** Byte offset of each entry's header, and the archive's total size, for a manifest. */
+/** Byte offset of each entry's header (the manifest's, at 0, left out), and the archive's total size, for a manifest. */
 export function bundleLayout(manifestSize: number, entries: readonly BundleEntry[]): { offsets: number[]; total: number } {
-  let offset = block + manifestSize + padding(manifestSize);
-  const offsets: number[] = [];
-  for (const entry of entries) {
-    offsets.push(offset);
-    offset += block + entry.size + padding(entry.size);
-  }
-  return { offsets, total: offset + 2 * block };
+  const { offsets, total } = tarLayout([manifestSize, ...entries.map((e) => e.size)]);
+  return { offsets: offsets.slice(1), total };
 }
 
 const sha256Hex = (bytes: Buffer | string) => sha256Hasher().update(bytes).digest('hex');
@@ -441,49 +211,24 @@ export async function writeBundle(ctx: RunContext, file: string = defaultBundleP
     await rm(tmp, { force: true });
     const handle = await open(tmp, 'wx', 0o644);
     try {
-      const out = new BatchedWriter(handle);
+      // The small entries 0644 (an extracted cluster.yaml can be edited), the manifest and the cache entries 0444.
+      const entries: TarSource[] = [
+        { name: manifestEntry, size: manifestBytes.length, mode: 0o444, chunks: () => [manifestBytes] },
+        ...sources.map((source): TarSource => ({
+          name: source.entry.path,
+          size: source.entry.size,
+          mode: source.data ? 0o644 : 0o444,
+          chunks: () => (source.data ? [source.data] : checkedChunks(source, ctx.signal)),
+        })),
+      ];
       const progress = { received: 0, total };
-      const advance = (bytes: number) => {
-        progress.received += bytes;
-        options.onProgress?.(progress);
-      };
-      const put = async (chunk: Buffer) => {
-        await out.push(chunk);
-        advance(chunk.length);
-      };
-      await put(tarHeader(manifestEntry, manifestBytes.length, 0o444));
-      await put(manifestBytes);
-      await put(Buffer.alloc(padding(manifestBytes.length)));
-      for (const source of sources) {
-        ctx.signal.throwIfAborted();
-        const { entry } = source;
-        await put(tarHeader(entry.path, entry.size, source.data ? 0o644 : 0o444));
-        if (source.data) {
-          await put(source.data);
-        } else {
-          const hash = sha256Hasher();
-          let size = 0;
-          for await (const chunk of readChunks(source.file!, ctx.signal)) {
-            hash.update(chunk);
-            size += chunk.length;
-            if (size > entry.size) break;
-            await put(chunk);
-          }
-          if (size !== entry.size) throw new UserError(`${source.what} changed while it was being bundled (${entry.size} bytes, then ${size}); run make bundle again`);
-          const found = hash.digest('hex');
-          if (found !== entry.sha256) {
-            throw new ChecksumError(
-              source.what,
-              entry.sha256,
-              found,
-              `The cache entry is damaged (disk fault?) and no bundle was written. Delete it (rm -f ${source.file}) and run make fetch images, then make bundle.`,
-            );
-          }
-        }
-        await put(Buffer.alloc(padding(entry.size)));
-      }
-      await put(Buffer.alloc(2 * block));
-      await out.flush();
+      await writeTar(handle, entries, {
+        signal: ctx.signal,
+        onWritten: (bytes) => {
+          progress.received += bytes;
+          options.onProgress?.(progress);
+        },
+      });
     } finally {
       await handle.close();
     }
@@ -509,6 +254,29 @@ export async function writeBundle(ctx: RunContext, file: string = defaultBundleP
     throw error;
   } finally {
     await runLock.release();
+  }
+}
+
+/** A cache entry's bytes for the archive, hashed on the way and checked against its name and size at the end. */
+async function* checkedChunks(source: Source, signal: AbortSignal): AsyncGenerator<Buffer> {
+  const { entry } = source;
+  const hash = sha256Hasher();
+  let size = 0;
+  for await (const chunk of readChunks(source.file!, signal)) {
+    hash.update(chunk);
+    size += chunk.length;
+    if (size > entry.size) break;
+    yield chunk;
+  }
+  if (size !== entry.size) throw new UserError(`${source.what} changed while it was being bundled (${entry.size} bytes, then ${size}); run make bundle again`);
+  const found = hash.digest('hex');
+  if (found !== entry.sha256) {
+    throw new ChecksumError(
+      source.what,
+      entry.sha256,
+      found,
+      `The cache entry is damaged (disk fault?) and no bundle was written. Delete it (rm -f ${source.file}) and run make fetch images, then make bundle.`,
+    );
   }
 }
 
@@ -632,221 +400,315 @@ interface ReadResult {
   bytes: number;
 }
 
+interface ReadOptions {
+  /** Where to write the entries the cache lacks; without it nothing is written. */
+  staging?: string;
+  replace: boolean;
+  onProgress?: (progress: Progress) => void;
+}
+
 /**
  * Reads the bundle once, start to end, verifying as it streams: the manifest first, then
- * each entry against it (name, order, size, sha256), the lock and config against the
+ * each entry against it (name, place, size, sha256), the lock and config against the
  * project's and the artifacts against the lock, the image index against the lock and
  * the blobs against the images. With `staging`, entries the cache lacks are written
  * there; nothing else is written anywhere.
  */
-async function readBundle(
-  ctx: RunContext,
-  file: string,
-  options: { staging?: string; replace: boolean; onProgress?: (progress: Progress) => void },
-): Promise<ReadResult> {
+async function readBundle(ctx: RunContext, file: string, options: ReadOptions): Promise<ReadResult> {
   const info = await stat(file).catch((error: NodeJS.ErrnoException) => {
     throw new UserError(`${file}: cannot read the bundle (${error.code ?? error.message}). Name it with FILE=path (make unbundle FILE=…).`);
   });
   if (!info.isFile()) throw new UserError(`${file}: not a file. Name the bundle with FILE=path (make unbundle FILE=…).`);
-  const { settings, cache } = ctx;
-  const store = join(settings.cacheDir, 'oci');
+  return new BundleReading(ctx, file, info.size, options).run();
+}
 
-  let manifest: BundleManifest | undefined;
-  let manifestBytes: Buffer | undefined;
-  let offsets: number[] = [];
-  let total = 0;
-  let next = -1; // index of the entry expected next: -1 the manifest
-  let lock: Lock | undefined;
-  let lockBytes: Buffer | undefined;
-  let configBytes: Buffer | undefined;
-  let index: OciIndex | undefined;
-  const manifestBlobs = new Map<string, Buffer>(); // image manifest digests → bytes, once read
-  const staged = new Map<string, string>();
-  const artifactNames = new Map<string, string>(); // hex → artifact key, for messages
-  const progress = { received: 0, total: info.size };
+/** One read of a bundle: what is known so far, and the steps, in the order the archive brings them. */
+class BundleReading {
+  readonly #ctx: RunContext;
+  readonly #file: string;
+  readonly #size: number;
+  readonly #options: ReadOptions;
+  readonly #store: string;
+  readonly #progress: Progress;
 
-  const label = (path: string) => {
-    const hex = path.startsWith(artifactPrefix) ? path.slice(artifactPrefix.length) : undefined;
-    const key = hex ? artifactNames.get(hex) : undefined;
-    return key ? `${path} (${key})` : path;
-  };
-  const truncated = (got: number, detail: string) =>
-    new UserError(
-      `${file}: the bundle is truncated: ${got} bytes, expected ${total || 'more'}.\n${detail}\n` +
-        'Nothing was added to the cache. Copy the whole file again (compare its size with the original).',
-    );
-  const missingFrom = (first: number) => {
-    if (!manifest) return `  missing: the manifest ${manifestEntry} and everything after it`;
-    const rest = manifest.entries.slice(first);
-    const bytes = rest.reduce((n, e) => n + e.size, 0);
-    const names = rest.slice(0, 8).map((e) => `    ${label(e.path)}`);
-    if (rest.length > 8) names.push(`    and ${rest.length - 8} more`);
-    return rest.length === 0 ? '  missing: the end-of-archive marker' : `  missing ${rest.length} entr${rest.length === 1 ? 'y' : 'ies'} (${formatBytes(bytes)}):\n${names.join('\n')}`;
-  };
+  #manifest: BundleManifest | undefined;
+  #manifestBytes: Buffer | undefined;
+  #offsets: number[] = [];
+  #total = 0;
+  /** Index in the manifest of the entry expected next; -1: the manifest itself. */
+  #next = -1;
+  #lock: Lock | undefined;
+  #lockBytes: Buffer | undefined;
+  #configBytes: Buffer | undefined;
+  #index: OciIndex | undefined;
+  /** Image manifest digests (from the index) → their bytes, once read. */
+  readonly #imageManifests = new Map<string, Buffer>();
+  readonly #staged = new Map<string, string>();
+  /** Artifact sha256 → its key in the lock, for messages. */
+  readonly #artifactNames = new Map<string, string>();
+  readonly #seen = new Set<string>();
+  /** The entry whose bytes are being read, to say where a short file ends. */
+  #current: { path: string; got: number; size: number } | undefined;
 
-  /** Checks that need only the manifest, the lock and the config: before any big entry is read. */
-  const afterHead = () => {
-    const m = manifest!;
-    const wanted = new Map<string, string>();
-    for (const key of artifactKeys) wanted.set(storedSha256(lock!.artifacts[key]), key);
-    for (const [hex, key] of wanted) artifactNames.set(hex, key);
-    const present = new Set(m.entries.filter((e) => e.path.startsWith(artifactPrefix)).map((e) => e.sha256));
-    const lacking = [...wanted].filter(([hex]) => !present.has(hex)).map(([hex, key]) => `  artifact ${key}: sha256 ${hex}`);
-    const extra = [...present].filter((hex) => !wanted.has(hex)).map((hex) => `  ${artifactPrefix}${hex}: not an artifact of the bundle's lock`);
-    if (lacking.length + extra.length > 0) {
-      throw bundleProblem(file, `its entries do not match its lock:\n${[...lacking, ...extra].join('\n')}`);
+  constructor(ctx: RunContext, file: string, size: number, options: ReadOptions) {
+    this.#ctx = ctx;
+    this.#file = file;
+    this.#size = size;
+    this.#options = options;
+    this.#store = join(ctx.settings.cacheDir, 'oci');
+    this.#progress = { received: 0, total: size };
+  }
+
+  async run(): Promise<ReadResult> {
+    try {
+      for await (const entry of tarEntries(this.#chunks())) await this.#entry(entry);
+    } catch (error) {
+      throw this.#explain(error);
     }
-    // The project's own files, compared before anything lands.
-    checkProjectFile(settings.lockFile, lockBytes!, file, options.replace, (ours) => {
-      try {
-        return lockDifferences(parseLock(settings.lockFile, ours), lock!);
-      } catch (error) {
-        return [`  yours does not parse: ${(error as Error).message.split('\n')[0]}`];
-      }
-    });
-    checkProjectFile(settings.configFile, configBytes!, file, options.replace, (ours) => [firstDifferentLine(ours, configBytes!.toString('utf8'))]);
-    if (info.size < total) {
-      // Say at once what a short file lacks, rather than after reading all of it.
-      const cut = offsets.findIndex((offset, i) => offset + block + m.entries[i]!.size > info.size);
-      const first = cut < 0 ? m.entries.length : cut;
-      const entry = m.entries[first];
-      const inside = entry && info.size > offsets[first]! + block ? `  cut short: ${label(entry.path)} (${info.size - offsets[first]! - block} of ${entry.size} bytes)\n` : '';
-      throw truncated(info.size, `${inside}${missingFrom(inside ? first + 1 : first)}`);
-    }
-  };
+    return this.#finish();
+  }
 
-  const memorySink = (done: (bytes: Buffer) => void | Promise<void>): Sink => {
-    const parts: Buffer[] = [];
-    return { write: (chunk) => void parts.push(Buffer.from(chunk)), end: () => done(Buffer.concat(parts)) };
-  };
-
-  const verify = (entry: BundleEntry, found: string) => {
-    if (found !== entry.sha256) {
-      throw new ChecksumError(
-        `${file}: entry ${label(entry.path)}`,
-        entry.sha256,
-        found,
-        'The bundle is damaged (or was changed) there. Nothing was added to the cache. Copy it again from its source, or make a new one there with make bundle.',
-      );
-    }
-  };
-
-  const onEntry = async (header: TarHeader): Promise<Sink> => {
-    ctx.signal.throwIfAborted();
-    if (next === -1) {
-      if (header.name !== manifestEntry) throw bundleProblem(file, `its first entry is ${header.name}, not the manifest ${manifestEntry}`);
-      if (header.size > maxSmallEntry) throw bundleProblem(file, `its manifest is ${header.size} bytes`);
-      return memorySink((bytes) => {
-        manifestBytes = bytes;
-        manifest = parseBundleManifest(file, bytes);
-        ({ offsets, total } = bundleLayout(bytes.length, manifest.entries));
-        next = 0;
-      });
-    }
-    const m = manifest!;
-    const entry = m.entries[next];
-    if (!entry || header.name !== entry.path) {
-      throw bundleProblem(file, `expected ${entry ? `entry ${entry.path}` : 'the end of the archive'} at byte ${offsets[next] ?? total - 2 * block}, found ${header.name}`);
-    }
-    if (header.size !== entry.size) throw bundleProblem(file, `entry ${entry.path} has ${header.size} bytes, the manifest says ${entry.size}`);
-    const position = next++;
-
-    if (position < headEntries.length || manifestBlobs.has(`sha256:${entry.sha256}`)) {
-      // Small entries are kept in memory: the lock, config, layout and index, image manifests.
-      return memorySink(async (bytes) => {
-        verify(entry, sha256Hex(bytes));
-        if (entry.path === lockEntry) {
-          lockBytes = bytes;
-          lock = parseLock(`${file}: ${lockEntry}`, bytes.toString('utf8'));
-        } else if (entry.path === configEntry) {
-          configBytes = bytes;
-          afterHead();
-        } else if (entry.path === ociLayoutEntry) {
-          if (!/"imageLayoutVersion"/.test(bytes.toString('utf8'))) throw bundleProblem(file, `${ociLayoutEntry} is not an OCI layout file`);
-        } else if (entry.path === ociIndexEntry) {
-          index = checkBundleIndex(file, bytes, lock!, m);
-          for (const descriptor of index.manifests) manifestBlobs.set(descriptor.digest, Buffer.alloc(0));
-        } else {
-          manifestBlobs.set(`sha256:${entry.sha256}`, bytes);
-          await stage(entry, [bytes]);
-        }
-      });
-    }
-
-    const hash = sha256Hasher();
-    const target = entryTarget(entry);
-    if (!options.staging || existsSync(target)) {
-      return { write: (chunk) => void hash.update(chunk), end: () => verify(entry, hash.digest('hex')) };
-    }
-    const stagedFile = join(options.staging, String(position));
-    const handle = await open(stagedFile, 'wx', 0o644);
-    const writer = new BatchedWriter(handle);
-    return {
-      write: async (chunk) => {
-        hash.update(chunk);
-        await writer.push(chunk);
-      },
-      end: async () => {
-        try {
-          await writer.flush();
-        } finally {
-          await handle.close();
-        }
-        verify(entry, hash.digest('hex'));
-        staged.set(entry.path, stagedFile);
-      },
-    };
-  };
-
-  const entryTarget = (entry: BundleEntry) =>
-    entry.path.startsWith(artifactPrefix) ? cache.entryPath(entry.sha256) : blobPath(store, `sha256:${entry.sha256}`);
-  const stage = async (entry: BundleEntry, parts: Buffer[]) => {
-    if (!options.staging || existsSync(entryTarget(entry))) return;
-    const stagedFile = join(options.staging, basename(entry.path));
-    await writeFile(stagedFile, parts, { flag: 'wx' });
-    staged.set(entry.path, stagedFile);
-  };
-
-  async function* counted(): AsyncGenerator<Buffer> {
-    for await (const chunk of readChunks(file, ctx.signal)) {
-      progress.received += chunk.length;
-      options.onProgress?.(progress);
+  async *#chunks(): AsyncGenerator<Buffer> {
+    for await (const chunk of readChunks(this.#file, this.#ctx.signal)) {
+      this.#progress.received += chunk.length;
+      this.#options.onProgress?.(this.#progress);
       yield chunk;
     }
   }
 
-  try {
-    await walkTar(counted(), onEntry);
-  } catch (error) {
-    if (error instanceof TarTruncated) {
-      if (next === -1 || !manifest) throw truncated(progress.received, `  cut short: the manifest ${manifestEntry}; nothing can be verified`);
-      const inside = error.atEntry ? `  cut short: ${label(error.atEntry)} (${error.got} of ${error.size} bytes)\n` : '';
-      throw truncated(progress.received, `${inside}${missingFrom(next)}`);
+  /** Each entry as tar-stream hands it over: checked against the manifest before its bytes are read. */
+  async #entry(tar: TarEntry): Promise<void> {
+    this.#ctx.signal.throwIfAborted();
+    const manifest = this.#manifest;
+    const entry = manifest?.entries[this.#next];
+    const expected = !manifest ? { path: manifestEntry, offset: 0 } : entry ? { path: entry.path, offset: this.#offsets[this.#next]!, size: entry.size } : undefined;
+    const problem = tarEntryProblem(tar, expected, this.#seen, (name) => this.#label(name, JSON.stringify(name)));
+    if (problem) throw this.#problem(`${problem}${this.#next === -1 ? ' (its first entry: is it a bundle at all?)' : ''}`);
+    this.#seen.add(tar.header.name);
+    if (!manifest) {
+      if (tar.header.size > maxSmallEntry) throw this.#problem(`its manifest is ${tar.header.size} bytes`);
+      this.#readManifest(await this.#bytes(tar, manifestEntry));
+      return;
     }
-    if (error instanceof TarFormatError) {
-      throw bundleProblem(file, `${error.message} at byte ${error.offset}${next === -1 ? ' (its first header: is it a bundle at all?)' : ''}`);
-    }
-    throw error;
-  }
-  if (!manifest) throw bundleProblem(file, 'it is an empty archive');
-  if (next < manifest.entries.length) throw truncated(progress.received, missingFrom(next));
-
-  // Every blob each image needs is in the bundle (the image manifests are read by now).
-  const blobsPresent = new Set(manifest.entries.filter((e) => e.path.startsWith(blobPrefix)).map((e) => `sha256:${e.sha256}`));
-  const needed = new Set<string>();
-  for (const descriptor of index!.manifests) {
-    const bytes = manifestBlobs.get(descriptor.digest);
-    if (!bytes || bytes.length === 0) throw bundleProblem(file, `image ${refOf(descriptor)}: its manifest ${descriptor.digest} is not in the bundle`);
-    const image = parseManifest(bytes, `${file}: ${descriptor.digest}`);
-    for (const digest of [descriptor.digest, image.config.digest, ...image.layers.map((l) => l.digest)]) {
-      needed.add(digest);
-      if (!blobsPresent.has(digest)) throw bundleProblem(file, `image ${refOf(descriptor)}: blob ${digest} is not in the bundle`);
+    const position = this.#next++;
+    if (position < headEntries.length || this.#imageManifests.has(`sha256:${entry!.sha256}`)) {
+      if (entry!.size > maxSmallEntry) throw this.#problem(`entry ${entry!.path} of ${entry!.size} bytes is too large for an image manifest`);
+      await this.#smallEntry(entry!, await this.#bytes(tar, entry!.path));
+    } else {
+      await this.#contentEntry(entry!, tar, position);
     }
   }
-  const unneeded = [...blobsPresent].filter((d) => !needed.has(d));
-  if (unneeded.length > 0) throw bundleProblem(file, `blobs no image of its lock uses: ${unneeded.slice(0, 3).join(', ')}`);
 
-  return { manifest, id: sha256Hex(manifestBytes!), lock: lock!, lockBytes: lockBytes!, configBytes: configBytes!, index: index!, staged, bytes: progress.received };
+  /** An entry's bytes in memory (the manifest and the small entries only). */
+  async #bytes(tar: TarEntry, path: string): Promise<Buffer> {
+    const parts: Buffer[] = [];
+    this.#current = { path, got: 0, size: tar.header.size };
+    for await (const chunk of tar) {
+      parts.push(Buffer.from(chunk as Buffer));
+      this.#current.got += (chunk as Buffer).length;
+    }
+    this.#current = undefined;
+    return Buffer.concat(parts);
+  }
+
+  #readManifest(bytes: Buffer): void {
+    this.#manifestBytes = bytes;
+    this.#manifest = parseBundleManifest(this.#file, bytes);
+    ({ offsets: this.#offsets, total: this.#total } = bundleLayout(bytes.length, this.#manifest.entries));
+    this.#next = 0;
+  }
+
+  /** The lock, config, layout and index, and the image manifests: kept in memory, checked as they arrive. */
+  async #smallEntry(entry: BundleEntry, bytes: Buffer): Promise<void> {
+    this.#verify(entry, sha256Hex(bytes));
+    if (entry.path === lockEntry) {
+      this.#lockBytes = bytes;
+      this.#lock = parseLock(`${this.#file}: ${lockEntry}`, bytes.toString('utf8'));
+    } else if (entry.path === configEntry) {
+      this.#configBytes = bytes;
+      this.#afterHead();
+    } else if (entry.path === ociLayoutEntry) {
+      if (!/"imageLayoutVersion"/.test(bytes.toString('utf8'))) throw this.#problem(`${ociLayoutEntry} is not an OCI layout file`);
+    } else if (entry.path === ociIndexEntry) {
+      this.#index = checkBundleIndex(this.#file, bytes, this.#lock!, this.#manifest!);
+      for (const descriptor of this.#index.manifests) this.#imageManifests.set(descriptor.digest, Buffer.alloc(0));
+    } else {
+      this.#imageManifests.set(`sha256:${entry.sha256}`, bytes);
+      if (this.#stagingFor(entry)) {
+        const stagedFile = join(this.#options.staging!, basename(entry.path));
+        await writeFile(stagedFile, bytes, { flag: 'wx' });
+        this.#staged.set(entry.path, stagedFile);
+      }
+    }
+  }
+
+  /** Checks that need only the manifest, the lock and the config: before any big entry is read. */
+  #afterHead(): void {
+    this.#checkArtifactsAgainstLock();
+    this.#checkProjectFiles();
+    this.#checkLength();
+  }
+
+  /** The bundle holds exactly the artifacts its lock names. */
+  #checkArtifactsAgainstLock(): void {
+    const wanted = new Map<string, string>();
+    for (const key of artifactKeys) wanted.set(storedSha256(this.#lock!.artifacts[key]), key);
+    for (const [hex, key] of wanted) this.#artifactNames.set(hex, key);
+    const present = new Set(this.#manifest!.entries.filter((e) => e.path.startsWith(artifactPrefix)).map((e) => e.sha256));
+    const lacking = [...wanted].filter(([hex]) => !present.has(hex)).map(([hex, key]) => `  artifact ${key}: sha256 ${hex}`);
+    const extra = [...present].filter((hex) => !wanted.has(hex)).map((hex) => `  ${artifactPrefix}${hex}: not an artifact of the bundle's lock`);
+    if (lacking.length + extra.length > 0) throw this.#problem(`its entries do not match its lock:\n${[...lacking, ...extra].join('\n')}`);
+  }
+
+  /** The project's own lock and config, compared before anything lands. */
+  #checkProjectFiles(): void {
+    const { settings } = this.#ctx;
+    const lock = this.#lock!;
+    const config = this.#configBytes!;
+    checkProjectFile(settings.lockFile, this.#lockBytes!, this.#file, this.#options.replace, (ours) => {
+      try {
+        return lockDifferences(parseLock(settings.lockFile, ours), lock);
+      } catch (error) {
+        return [`  yours does not parse: ${(error as Error).message.split('\n')[0]}`];
+      }
+    });
+    checkProjectFile(settings.configFile, config, this.#file, this.#options.replace, (ours) => [firstDifferentLine(ours, config.toString('utf8'))]);
+  }
+
+  /** A short file is told at once, with what it lacks, rather than after reading all of it. */
+  #checkLength(): void {
+    if (this.#size >= this.#total) return;
+    const entries = this.#manifest!.entries;
+    const cut = this.#offsets.findIndex((offset, i) => offset + tarBlock + entries[i]!.size > this.#size);
+    const first = cut < 0 ? entries.length : cut;
+    const entry = entries[first];
+    const headerEnd = this.#offsets[first]! + tarBlock;
+    const inside = entry && this.#size > headerEnd ? `  cut short: ${this.#label(entry.path)} (${this.#size - headerEnd} of ${entry.size} bytes)\n` : '';
+    throw this.#truncated(this.#size, `${inside}${this.#missingFrom(inside ? first + 1 : first)}`);
+  }
+
+  /** An artifact or a blob: hashed as it streams and, where the cache lacks it, written to staging. */
+  async #contentEntry(entry: BundleEntry, tar: TarEntry, position: number): Promise<void> {
+    const hash = sha256Hasher();
+    this.#current = { path: entry.path, got: 0, size: entry.size };
+    if (!this.#stagingFor(entry)) {
+      for await (const chunk of tar) {
+        hash.update(chunk as Buffer);
+        this.#current.got += (chunk as Buffer).length;
+      }
+    } else {
+      const stagedFile = join(this.#options.staging!, String(position));
+      const handle = await open(stagedFile, 'wx', 0o644);
+      try {
+        const writer = new BatchedWriter(handle);
+        for await (const chunk of tar) {
+          hash.update(chunk as Buffer);
+          this.#current.got += (chunk as Buffer).length;
+          await writer.push(chunk as Buffer);
+        }
+        await writer.flush();
+      } finally {
+        await handle.close();
+      }
+      this.#staged.set(entry.path, stagedFile);
+    }
+    this.#current = undefined;
+    this.#verify(entry, hash.digest('hex'));
+  }
+
+  /** Whether this entry is to be written: when staging, and the cache lacks it. */
+  #stagingFor(entry: BundleEntry): boolean {
+    if (!this.#options.staging) return false;
+    const target = entry.path.startsWith(artifactPrefix) ? this.#ctx.cache.entryPath(entry.sha256) : blobPath(this.#store, `sha256:${entry.sha256}`);
+    return !existsSync(target);
+  }
+
+  #verify(entry: BundleEntry, found: string): void {
+    if (found === entry.sha256) return;
+    throw new ChecksumError(
+      `${this.#file}: entry ${this.#label(entry.path)}`,
+      entry.sha256,
+      found,
+      'The bundle is damaged (or was changed) there. Nothing was added to the cache. Copy it again from its source, or make a new one there with make bundle.',
+    );
+  }
+
+  /** After the last entry: nothing missing, and every blob each image needs present (the image manifests are read by now). */
+  #finish(): ReadResult {
+    const manifest = this.#manifest;
+    if (!manifest) throw this.#problem('it is an empty archive');
+    if (this.#next < manifest.entries.length || this.#progress.received < this.#total) throw this.#truncated(this.#progress.received, this.#missingFrom(this.#next));
+    const blobsPresent = new Set(manifest.entries.filter((e) => e.path.startsWith(blobPrefix)).map((e) => `sha256:${e.sha256}`));
+    const needed = new Set<string>();
+    for (const descriptor of this.#index!.manifests) {
+      const bytes = this.#imageManifests.get(descriptor.digest);
+      if (!bytes || bytes.length === 0) throw this.#problem(`image ${refOf(descriptor)}: its manifest ${descriptor.digest} is not in the bundle`);
+      const image = parseManifest(bytes, `${this.#file}: ${descriptor.digest}`);
+      for (const digest of [descriptor.digest, image.config.digest, ...image.layers.map((l) => l.digest)]) {
+        needed.add(digest);
+        if (!blobsPresent.has(digest)) throw this.#problem(`image ${refOf(descriptor)}: blob ${digest} is not in the bundle`);
+      }
+    }
+    const unneeded = [...blobsPresent].filter((d) => !needed.has(d));
+    if (unneeded.length > 0) throw this.#problem(`blobs no image of its lock uses: ${unneeded.slice(0, 3).join(', ')}`);
+    return {
+      manifest,
+      id: sha256Hex(this.#manifestBytes!),
+      lock: this.#lock!,
+      lockBytes: this.#lockBytes!,
+      configBytes: this.#configBytes!,
+      index: this.#index!,
+      staged: this.#staged,
+      bytes: this.#progress.received,
+    };
+  }
+
+  /** tar-stream's failures in the bundle's terms: where the bytes ran out, or which header is damaged. */
+  #explain(error: unknown): unknown {
+    if (!(error instanceof Error) || error instanceof UserError) return error;
+    const failure = tarFailure(error);
+    if (failure === 'truncated') {
+      if (!this.#manifest) return this.#truncated(this.#progress.received, `  cut short: the manifest ${manifestEntry}; nothing can be verified`);
+      const current = this.#current;
+      const inside = current ? `  cut short: ${this.#label(current.path)} (${current.got} of ${current.size} bytes)\n` : '';
+      return this.#truncated(this.#progress.received, `${inside}${this.#missingFrom(this.#next)}`);
+    }
+    if (failure === 'bad header') {
+      const at = this.#next === -1 ? 0 : (this.#offsets[this.#next] ?? this.#total - 2 * tarBlock);
+      const where = this.#next === -1 ? ' (its first header: is it a bundle at all?)' : '';
+      return this.#problem(`a damaged tar header at byte ${at} (${error.message.replace(/\.$/, '')})${where}`);
+    }
+    return error;
+  }
+
+  /** An entry's path for a message, with the artifact it holds where the lock names one: "cache/sha256/… (kubelet)". */
+  #label(path: string, shown = path): string {
+    const hex = path.startsWith(artifactPrefix) ? path.slice(artifactPrefix.length) : undefined;
+    const key = hex ? this.#artifactNames.get(hex) : undefined;
+    return key ? `${shown} (${key})` : shown;
+  }
+
+  #problem(problem: string): UserError {
+    return bundleProblem(this.#file, problem);
+  }
+
+  #truncated(got: number, detail: string): UserError {
+    return new UserError(
+      `${this.#file}: the bundle is truncated: ${got} bytes, expected ${this.#total || 'more'}.\n${detail}\n` +
+        'Nothing was added to the cache. Copy the whole file again (compare its size with the original).',
+    );
+  }
+
+  /** What a short bundle lacks from entry `first` on. */
+  #missingFrom(first: number): string {
+    if (!this.#manifest) return `  missing: the manifest ${manifestEntry} and everything after it`;
+    const rest = this.#manifest.entries.slice(first);
+    if (rest.length === 0) return '  missing: the end-of-archive marker';
+    const bytes = rest.reduce((n, e) => n + e.size, 0);
+    const names = rest.slice(0, 8).map((e) => `    ${this.#label(e.path)}`);
+    if (rest.length > 8) names.push(`    and ${rest.length - 8} more`);
+    return `  missing ${rest.length} entr${rest.length === 1 ? 'y' : 'ies'} (${formatBytes(bytes)}):\n${names.join('\n')}`;
+  }
 }
 
 /** The bundle's index: exactly one ref per image of its lock, at the lock's layout digest. */

@@ -10,9 +10,10 @@ import { stopCluster } from './boot.ts';
 import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle.ts';
 import { defaultConfigFile, loadConfig, targets, type Target } from './config.ts';
 import { defaultHttpSettings } from './download.ts';
-import { formatPlan, runStages, selectStages, type Renderer } from './engine.ts';
+import { formatPlan, runStages, selectStages } from './engine.ts';
 import { ExitCode, InterruptedError, UserError } from './errors.ts';
 import { defaultLockFile } from './lock.ts';
+import { listrRenderer, type Renderer } from './progress.ts';
 import { sshArgs } from './qemu.ts';
 import { RunContext, type RunSettings } from './stage.ts';
 import { dryRunPlan, openstackDown, openstackModes, openstackSshArgs } from './openstack.ts';
@@ -244,8 +245,8 @@ async function runAction(ctx: RunContext, action: 'bundle' | 'unbundle', options
     if (!options.file) throw new UserError('unbundle: expected the bundle to read, found none: make unbundle FILE=path/to/corekube-bundle-NAME.tar (--file)', ExitCode.usage);
     task = unbundleTask(ctx, resolve(options.file), { replace: ctx.settings.force, verifyOnly: options.dryRun });
   }
-  const plain = options.renderer === 'simple' || (options.renderer === 'auto' && !ctx.settings.interactive);
-  await new Listr([task], { renderer: options.renderer === 'silent' ? 'silent' : plain ? 'simple' : 'default', registerSignalListeners: false, rendererOptions: { showErrorMessage: false } }).run();
+  const { renderer, fallback } = listrRenderer(options.renderer);
+  await new Listr([task], { renderer, fallbackRenderer: 'simple', fallbackRendererCondition: fallback, registerSignalListeners: false, rendererOptions: { showErrorMessage: false } }).run();
   return ExitCode.ok;
 }
 

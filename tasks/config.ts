@@ -5,11 +5,14 @@ import { homedir } from 'node:os';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { InputError, UserError, ExitCode } from './errors.ts';
 import { fieldPath, parseYaml, Reader } from './fields.ts';
-import { cidrsOverlap, isHostAddress, parseCidr, parseIPv4, type Cidr } from './net.ts';
+import { cidrContains, cidrsOverlap, isHostAddress, parseCidr, parseIPv4, type Cidr } from './net.ts';
 
 export const fcosStreams = ['stable', 'testing', 'next'] as const;
 export const architectures = ['x86_64', 'aarch64'] as const;
 export const nodeRoles = ['control-plane', 'worker'] as const;
+/** FCOS boots enforcing; `permissive` is the documented escape hatch (README: Fedora CoreOS specifics). */
+export const selinuxModes = ['enforcing', 'permissive'] as const;
+export type SelinuxMode = (typeof selinuxModes)[number];
 /** Where the nodes run: local QEMU VMs (the default) or servers on an OpenStack cloud. */
 export const targets = ['qemu', 'openstack'] as const;
 export type Target = (typeof targets)[number];
@@ -65,8 +68,10 @@ export interface ClusterConfig {
   openstack?: OpenstackConfig;
   fcos: { stream: (typeof fcosStreams)[number]; arch: Architecture; release?: string };
   kubernetes: { version: string };
-  network: { nodeCidr: Cidr; podCidr: Cidr; serviceCidr: Cidr };
+  /** dnsServers: resolvers beyond the cluster that CoreDNS and the nodes may ask; none by default (offline). */
+  network: { nodeCidr: Cidr; podCidr: Cidr; serviceCidr: Cidr; dnsServers: string[] };
   nodes: NodeConfig[];
+  selinux: SelinuxMode;
   /** Ports on 127.0.0.1 forwarded into the VMs: the API server, and SSH from sshBase upwards (one per node, in order). */
   hostPorts: { apiServer: number; sshBase: number };
   sshPublicKeyFile: string;
@@ -119,6 +124,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
     'hostPorts',
     'sshPublicKeyFile',
     'mirrors',
+    'selinux',
   ]);
   if (!root) throw new InputError(file, r.problems);
 
@@ -148,7 +154,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
   }
 
   const netIn =
-    root.network === undefined ? {} : r.object(root.network, 'network', ['nodeCidr', 'podCidr', 'serviceCidr']);
+    root.network === undefined ? {} : r.object(root.network, 'network', ['nodeCidr', 'podCidr', 'serviceCidr', 'dnsServers']);
   const cidr = (key: string, fallback: string): Cidr | undefined => {
     const value = netIn?.[key] ?? fallback;
     const parsed = typeof value === 'string' ? parseCidr(value) : undefined;
@@ -173,7 +179,9 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
     }
   }
 
+  const dnsServers = parseDnsServers(r, netIn?.dnsServers, ranges);
   const nodes = parseNodes(r, root.nodes, nodeCidr);
+  const selinux = r.oneOf(root.selinux ?? 'enforcing', 'selinux', selinuxModes);
 
   const portsIn = root.hostPorts === undefined ? {} : r.object(root.hostPorts, 'hostPorts', ['apiServer', 'sshBase']);
   const apiServerPort = r.integer(portsIn?.apiServer ?? 6443, 'hostPorts.apiServer', 1024, 65535);
@@ -215,13 +223,37 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
     ...(openstack ? { openstack } : {}),
     fcos: { stream: stream!, arch: arch!, ...(release ? { release } : {}) },
     kubernetes: { version: versionText!.startsWith('v') ? versionText! : `v${versionText}` },
-    network: { nodeCidr: nodeCidr!, podCidr: podCidr!, serviceCidr: serviceCidr! },
+    network: { nodeCidr: nodeCidr!, podCidr: podCidr!, serviceCidr: serviceCidr!, dnsServers },
     nodes,
+    selinux: selinux!,
     hostPorts: { apiServer: apiServerPort!, sshBase: sshBase! },
     sshPublicKeyFile,
     sshPublicKey,
     mirrors,
   };
+}
+
+/** Upstream resolvers (IPv4) outside the cluster's own ranges; an empty list means none at all. */
+function parseDnsServers(r: Reader, value: unknown, ranges: [string, Cidr | undefined][]): string[] {
+  if (value === undefined) return [];
+  const list = r.list(value, 'network.dnsServers', 'a list of IPv4 addresses of DNS resolvers');
+  if (!list) return [];
+  const servers: string[] = [];
+  list.forEach((item, index) => {
+    const path = fieldPath('network.dnsServers', index);
+    const ip = typeof item === 'string' ? parseIPv4(item) : undefined;
+    if (ip === undefined) {
+      r.problem(path, 'an IPv4 address of a DNS resolver', JSON.stringify(item));
+      return;
+    }
+    // A resolver inside the pod or service range would be the cluster asking itself: CoreDNS's loop.
+    const inside = ranges.find(([key, cidr]) => key !== 'nodeCidr' && cidr && cidrContains(cidr, ip));
+    if (inside) r.problem(path, `a resolver outside network.${inside[0]} (${inside[1]!.text})`, JSON.stringify(item));
+    else if (ip >>> 24 === 127) r.problem(path, 'a resolver the pods can reach (not a loopback address: CoreDNS would ask itself)', JSON.stringify(item));
+    else servers.push(item as string);
+  });
+  if (list.length > 3) r.problem('network.dnsServers', 'at most 3 resolvers (the resolv.conf limit)', String(list.length));
+  return servers;
 }
 
 function parseNodes(r: Reader, value: unknown, nodeCidr: Cidr | undefined): NodeConfig[] {

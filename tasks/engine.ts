@@ -8,6 +8,7 @@ import { join, relative } from 'node:path';
 import { Listr } from 'listr2';
 import { processAlive } from './cache.ts';
 import { ExitCode, InterruptedError, isAbortError, UserError } from './errors.ts';
+import { listrRenderer, type Renderer } from './progress.ts';
 import { RunContext, type RunSettings, type Stage } from './stage.ts';
 import { MissingToolsError, missingTools } from './tools.ts';
 
@@ -31,8 +32,6 @@ export interface PlanEntry {
   stage: Stage;
   verdict: Verdict;
 }
-
-export type Renderer = 'auto' | 'simple' | 'silent';
 
 export interface RunOptions {
   dryRun?: boolean;
@@ -274,13 +273,6 @@ export async function acquireRunLock(settings: RunSettings, what: string): Promi
     await rm(path, { force: true });
   }
   throw new UserError(`could not take the run lock ${path}; another run is starting at the same moment`, ExitCode.locked);
-}
-
-function listrRenderer(renderer: Renderer): { renderer: 'default' | 'simple' | 'silent'; fallback: boolean } {
-  if (renderer === 'silent') return { renderer: 'silent', fallback: false };
-  if (renderer === 'simple') return { renderer: 'simple', fallback: false };
-  const plain = !process.stdout.isTTY || process.env.CI === 'true' || process.env.TERM === 'dumb';
-  return { renderer: 'default', fallback: plain };
 }
 
 /** Runs the stages (after a preflight of their tools), or with dryRun prints the plan. */

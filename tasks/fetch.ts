@@ -2,16 +2,18 @@
 // streams, verified before it lands), then hardlinked into out/artifacts/.
 import { spawn } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
-import { open, readdir, rm, type FileHandle } from 'node:fs/promises';
+import { open, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pLimit from 'p-limit';
 import { ChecksumError, placeLink, removeQuietly, sameFile, sha256Hasher, type Cache } from './cache.ts';
+import { BatchedWriter } from './chunks.ts';
 import { mirrorUrl } from './config.ts';
-import { downloadChunks, type DownloadOptions, type Progress } from './download.ts';
+import { downloadChunks, type DownloadOptions } from './download.ts';
 import { OfflineError, UserError } from './errors.ts';
 import { artifactFileName, isXz, storedSha256, targetArtifacts, type Artifact } from './lock.ts';
+import { formatRate, progressMeter } from './progress.ts';
 import type { Stage, StageTask } from './stage.ts';
 
 export const artifactsDir = 'artifacts';
@@ -167,7 +169,7 @@ async function writeHashed(chunks: AsyncIterable<Buffer>, path: string): Promise
   let size = 0;
   const file = await open(path, 'wx');
   try {
-    const writer = batchedWriter(file);
+    const writer = new BatchedWriter(file);
     for await (const chunk of chunks) {
       hash.update(chunk);
       size += chunk.length;
@@ -178,55 +180,6 @@ async function writeHashed(chunks: AsyncIterable<Buffer>, path: string): Promise
     await file.close();
   }
   return { sha256: hash.digest('hex'), size };
-}
-
-const writeBatchBytes = 4 << 20;
-
-/** Collects buffers and writes them in batches, one writev in flight at a time. */
-function batchedWriter(file: FileHandle): { push(chunk: Buffer): Promise<void>; flush(): Promise<void> } {
-  let batch: Buffer[] = [];
-  let batchBytes = 0;
-  let inFlight: Promise<void> = Promise.resolve();
-  const writeAll = async (buffers: Buffer[]) => {
-    let pending = buffers;
-    while (pending.length > 0) {
-      const { bytesWritten } = await file.writev(pending);
-      pending = skipBytes(pending, bytesWritten);
-    }
-  };
-  const send = async () => {
-    const buffers = batch;
-    batch = [];
-    batchBytes = 0;
-    await inFlight;
-    inFlight = writeAll(buffers);
-  };
-  return {
-    async push(chunk) {
-      batch.push(chunk);
-      batchBytes += chunk.length;
-      if (batchBytes >= writeBatchBytes) await send();
-    },
-    async flush() {
-      if (batch.length > 0) await send();
-      await inFlight;
-    },
-  };
-}
-
-/** The buffers after the first `count` bytes (a short writev). */
-function skipBytes(buffers: Buffer[], count: number): Buffer[] {
-  let remaining = count;
-  const rest: Buffer[] = [];
-  for (const buffer of buffers) {
-    if (remaining >= buffer.length) {
-      remaining -= buffer.length;
-      continue;
-    }
-    rest.push(remaining > 0 ? buffer.subarray(remaining) : buffer);
-    remaining = 0;
-  }
-  return rest;
 }
 
 /**
@@ -280,50 +233,4 @@ export async function writeXzDecompressed(
     signal.removeEventListener('abort', killXz);
   }
   return { compressedSha256: compressedHash.digest('hex'), sha256: hash.digest('hex'), size };
-}
-
-export interface Meter {
-  (progress: Progress): void;
-  received: number;
-}
-
-/** A progress line: a bar, bytes and rate; a few times a second on a terminal, every 10 s in a log. */
-export function progressMeter(interactive: boolean, show: (line: string) => void): Meter {
-  const started = performance.now();
-  let last = 0;
-  const meter = ((progress: Progress) => {
-    meter.received = progress.received;
-    const now = performance.now();
-    const done = progress.total !== undefined && progress.received >= progress.total;
-    if (!done && now - last < (interactive ? 150 : 10_000)) return;
-    last = now;
-    show(formatProgress(progress, now - started));
-  }) as Meter;
-  meter.received = 0;
-  return meter;
-}
-
-export function formatProgress(progress: Progress, elapsedMs: number): string {
-  const rate = formatRate(progress.received, elapsedMs);
-  if (progress.total === undefined || progress.total === 0) return `${formatBytes(progress.received)}, ${rate}`;
-  const fraction = Math.min(1, progress.received / progress.total);
-  const width = 24;
-  const filled = Math.round(fraction * width);
-  const bar = `${'█'.repeat(filled)}${'░'.repeat(width - filled)}`;
-  return `${bar} ${(fraction * 100).toFixed(0).padStart(3)}% ${formatBytes(progress.received)} / ${formatBytes(progress.total)}, ${rate}`;
-}
-
-export function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]}`;
-}
-
-function formatRate(bytes: number, elapsedMs: number): string {
-  return `${formatBytes(elapsedMs > 0 ? (bytes * 1000) / elapsedMs : 0)}/s`;
 }

@@ -17,7 +17,10 @@ import {
   renderFlannelConfig,
   renderHosts,
   renderNetwork,
+  renderKubeadmPatches,
   renderPodSecurityAdmission,
+  renderResolvConf,
+  renderSelinuxConfig,
   stringifyDocuments,
   type NodeFile,
 } from './node-config.ts';
@@ -126,11 +129,16 @@ export function renderNodeFiles(
     { name: 'corekube-host.nmconnection', content: network.user, secret: true },
     { name: 'containerd.toml', content: renderContainerdConfig(lock) },
     { name: 'kubeadm.yaml', content: stringifyDocuments(kubeadm), secret: true },
-    { name: 'ca.crt', content: pki.caCertPem },
+    { name: 'resolv.conf', content: renderResolvConf(config, node) },
+    { name: 'selinux-config', content: renderSelinuxConfig(config) },
+    ...renderKubeadmPatches().map((p) => ({ name: `kubeadm-patch-${p.target}.yaml`, content: p.content })),
     { name: 'authorized_keys', content: `${sshPublicKey.trim()}\n` },
   ];
+  // A worker gets the CA through discovery, pinned by its hash: kubeadm join refuses to
+  // start when /etc/kubernetes/pki/ca.crt already exists (its FileAvailable preflight).
   if (node.role === 'control-plane') {
     files.push(
+      { name: 'ca.crt', content: pki.caCertPem },
       { name: 'ca.key', content: pki.caKeyPem, secret: true },
       { name: 'pod-security.yaml', content: renderPodSecurityAdmission() },
       { name: 'flannel-config.yaml', content: renderFlannelConfig(config) },

@@ -30,6 +30,7 @@ import {
   withRef,
   type OciIndex,
 } from './oci.ts';
+import { formatSeconds } from './progress.ts';
 import type { RunContext, Stage, StageTask } from './stage.ts';
 import { ToolError, indentTail, runTool } from './tool.ts';
 
@@ -73,7 +74,7 @@ export const imagesStage: Stage = {
               const started = performance.now();
               const staging = await copyToStaging(ctx, image, store, sub);
               await merges.run(() => mergeIntoStore(staging, store, image));
-              sub.title = `${refName(image)}: copied in ${((performance.now() - started) / 1000).toFixed(1)} s`;
+              sub.title = `${refName(image)}: copied in ${formatSeconds(started)}`;
             } catch (error) {
               failures.push(error as Error);
               throw error;

@@ -17,7 +17,15 @@ export const nodePaths = {
   clusterManifests: '/etc/corekube/manifests',
   admissionDir: '/etc/kubernetes/admission',
   criSocket: 'unix:///run/containerd/containerd.sock',
+  kubeadmPatches: '/etc/corekube/kubeadm-patches',
+  resolvConf: '/etc/corekube/resolv.conf',
+  // FCOS's /usr is read-only: the kubelet and (below v1.36) the controller-manager get a
+  // writable FlexVolume directory instead of /usr/libexec/kubernetes/… (kubernetes/kubeadm#3318).
+  volumePluginDir: '/var/lib/kubelet/volumeplugins',
 } as const;
+
+/** kubeadm mounts the FlexVolume directory into the controller-manager up to v1.35 (gone in v1.36). */
+export const lastMinorWithFlexVolumeMount = 35;
 
 export const apiServerPort = 6443;
 
@@ -62,7 +70,9 @@ export function renderNetwork(config: ClusterConfig, node: NodeConfig): { cluste
     '[connection]', 'id=corekube-cluster', 'type=ethernet', 'autoconnect=true', 'autoconnect-priority=100', '',
     '[ethernet]', `mac-address=${macAddress(config.name, node.name, 'cluster').toUpperCase()}`, '',
     '[ipv4]', 'method=manual', `address1=${node.ip}/${config.network.nodeCidr.prefix},${clusterGateway(config)}`,
-    `dns=${controlPlane(config).ip};`, 'dns-search=', 'may-fail=false', '',
+    // Offline, the node has no resolver but the cluster's own: names of nodes are in /etc/hosts.
+    ...(config.network.dnsServers.length > 0 ? [`dns=${config.network.dnsServers.join(';')};`] : []),
+    'ignore-auto-dns=true', 'dns-search=', 'may-fail=false', '',
     '[ipv6]', 'method=disabled', '',
   ];
   const user = [
@@ -132,6 +142,51 @@ export function renderContainerdConfig(lock: Lock): string {
   return `# corekube: the whole containerd configuration (generated from cluster.yaml and the lock)\n${stringifyToml(config)}`;
 }
 
+/**
+ * The resolv.conf the kubelet gives pods with dnsPolicy Default, CoreDNS among them
+ * (KubeletConfiguration.resolvConf). Never systemd-resolved's stub (127.0.0.53, FCOS's
+ * /etc/resolv.conf): inside CoreDNS's pod that address is CoreDNS itself, and its loop
+ * plugin stops it. With no upstream resolvers (offline), the node's own address, where
+ * nothing listens on port 53: CoreDNS starts (it needs one nameserver to forward to),
+ * answers every cluster name itself, and an external name is refused at once (an ICMP
+ * port-unreachable, SERVFAIL to the pod) instead of timing out.
+ */
+export function renderResolvConf(config: ClusterConfig, node: NodeConfig): string {
+  const servers = config.network.dnsServers.length > 0 ? config.network.dnsServers : [node.ip];
+  const why =
+    config.network.dnsServers.length > 0
+      ? '# corekube: the upstream resolvers from network.dnsServers in cluster.yaml.'
+      : '# corekube: no upstream resolver (offline). The node itself, where nothing serves DNS: external names fail at once.';
+  return `${why}
+${servers.map((ip) => `nameserver ${ip}`).join('\n')}\n`;
+}
+
+/** /etc/selinux/config: cluster.yaml's mode; corekube-selinux.service applies it before containerd starts. */
+export function renderSelinuxConfig(config: ClusterConfig): string {
+  return `# corekube: selinux in cluster.yaml (${config.selinux === 'enforcing' ? "FCOS's default" : 'the escape hatch; the README says what it costs'})\nSELINUX=${config.selinux}\nSELINUXTYPE=targeted\n`;
+}
+
+/** kubeadm patch targets for its static pods (kubeadm's patches.go: TARGET[+PATCHTYPE].yaml). */
+export const staticPodPatchTargets = ['etcd', 'kube-apiserver', 'kube-controller-manager', 'kube-scheduler'] as const;
+
+/**
+ * Strategic-merge patches that run kubeadm's four static pods as spc_t. Under FCOS's
+ * enforcing SELinux an unprivileged container runs as container_t, which may not read
+ * /etc/kubernetes (kubernetes_file_t) nor write the etcd data directory, so kubeadm init
+ * times out (kubernetes/kubeadm#279); container-selinux grants spc_t what a host
+ * component needs (admin_pattern(spc_t, kubernetes_file_t)). Relabelling the files
+ * instead (Typhoon's chcon) cannot work with kubeadm: it writes the kubeconfigs the
+ * pods read in the same run that starts them.
+ */
+export function renderKubeadmPatches(): { target: (typeof staticPodPatchTargets)[number]; file: string; content: string }[] {
+  const patch = stringify({ spec: { securityContext: { seLinuxOptions: { type: 'spc_t' } } } });
+  return staticPodPatchTargets.map((target) => ({
+    target,
+    file: `${target}+strategic.yaml`,
+    content: `# corekube: ${target} runs as spc_t under SELinux (see README, Fedora CoreOS specifics)\n${patch}`,
+  }));
+}
+
 export function renderPodSecurityAdmission(): string {
   return stringify({
     apiVersion: 'apiserver.config.k8s.io/v1',
@@ -180,7 +235,16 @@ export interface KubeadmInputs {
 
 type Doc = Record<string, unknown>;
 
-/** kubeadm's configuration for a node (v1beta4, Kubernetes 1.31 and later), as documents. */
+/** The Kubernetes minor of a version like "v1.35.7". */
+export function kubernetesMinor(version: string): number {
+  return Number(/^v?1\.(\d+)/.exec(version)?.[1] ?? NaN);
+}
+
+/**
+ * kubeadm's configuration for a node (v1beta4, Kubernetes 1.31 and later), as documents.
+ * A worker gets only its JoinConfiguration: `kubeadm join` ignores every other kind and
+ * takes the kubelet's configuration from the cluster (what init uploaded).
+ */
 export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeConfig, pki: KubeadmInputs): Doc[] {
   const cp = controlPlane(config);
   const endpoint = `${cp.ip}:${apiServerPort}`;
@@ -193,17 +257,8 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
     imagePullPolicy: 'Never',
     ...(node.role === 'control-plane' && !workers ? { taints: [] } : {}),
   };
-  const kubelet: Doc = {
-    apiVersion: 'kubelet.config.k8s.io/v1beta1',
-    kind: 'KubeletConfiguration',
-    cgroupDriver: 'systemd',
-    containerRuntimeEndpoint: nodePaths.criSocket,
-    authentication: { anonymous: { enabled: false }, webhook: { enabled: true }, x509: { clientCAFile: '/etc/kubernetes/pki/ca.crt' } },
-    authorization: { mode: 'Webhook' },
-    // Images are labelled pinned at import; garbage collection skips them.
-    imageGCHighThresholdPercent: 85,
-    imageGCLowThresholdPercent: 80,
-  };
+  // The static pods run as spc_t (renderKubeadmPatches); a control plane joining later would need the same.
+  const patches = { directory: nodePaths.kubeadmPatches };
   if (node.role === 'worker') {
     return [
       {
@@ -211,10 +266,28 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
         kind: 'JoinConfiguration',
         discovery: { bootstrapToken: { apiServerEndpoint: endpoint, token: pki.token, caCertHashes: [pki.caHash] } },
         nodeRegistration,
+        patches,
+        // Discovery retries until the control plane answers: one join, even when the control
+        // plane boots slowly (TCG), instead of a failed join, a reset and another try.
+        timeouts: { discovery: '20m0s', tlsBootstrap: '10m0s' },
       },
-      kubelet,
     ];
   }
+  const kubelet: Doc = {
+    apiVersion: 'kubelet.config.k8s.io/v1beta1',
+    kind: 'KubeletConfiguration',
+    cgroupDriver: 'systemd',
+    containerRuntimeEndpoint: nodePaths.criSocket,
+    authentication: { anonymous: { enabled: false }, webhook: { enabled: true }, x509: { clientCAFile: '/etc/kubernetes/pki/ca.crt' } },
+    authorization: { mode: 'Webhook' },
+    // Not systemd-resolved's stub: see renderResolvConf. The same path on every node, each its own content.
+    resolvConf: nodePaths.resolvConf,
+    volumePluginDir: nodePaths.volumePluginDir,
+    // Images are labelled pinned at import; garbage collection skips them.
+    imageGCHighThresholdPercent: 85,
+    imageGCLowThresholdPercent: 80,
+  };
+  const flexVolumeMount = kubernetesMinor(lock.kubernetes.version) <= lastMinorWithFlexVolumeMount;
   return [
     {
       apiVersion: 'kubeadm.k8s.io/v1beta4',
@@ -224,6 +297,9 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
       ],
       localAPIEndpoint: { advertiseAddress: node.ip, bindPort: apiServerPort },
       nodeRegistration,
+      patches,
+      // kubeadm's 4-minute defaults are short for a first boot under TCG.
+      timeouts: { controlPlaneComponentHealthCheck: '10m0s', kubeletHealthCheck: '10m0s' },
     },
     {
       apiVersion: 'kubeadm.k8s.io/v1beta4',
@@ -239,6 +315,9 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
         extraArgs: [{ name: 'admission-control-config-file', value: `${nodePaths.admissionDir}/pod-security.yaml` }],
         extraVolumes: [{ name: 'admission', hostPath: nodePaths.admissionDir, mountPath: nodePaths.admissionDir, readOnly: true, pathType: 'Directory' }],
       },
+      // kubeadm mounts this directory (DirectoryOrCreate) into the controller-manager; its
+      // default under /usr cannot be created on FCOS, and the controller-manager never starts.
+      ...(flexVolumeMount ? { controllerManager: { extraArgs: [{ name: 'flex-volume-plugin-dir', value: nodePaths.volumePluginDir }] } } : {}),
     },
     kubelet,
   ];
@@ -261,6 +340,9 @@ function ownedSettings(config: ClusterConfig, lock: Lock): { kind: string; path:
     { kind: 'KubeletConfiguration', path: ['cgroupDriver'], value: 'systemd', source: 'corekube (containerd runs with systemd cgroups)' },
     { kind: 'KubeletConfiguration', path: ['authentication', 'anonymous', 'enabled'], value: false, source: 'corekube (no anonymous kubelet access)' },
     { kind: 'KubeletConfiguration', path: ['authorization', 'mode'], value: 'Webhook', source: 'corekube (kubelet authorization through the API server)' },
+    { kind: 'KubeletConfiguration', path: ['resolvConf'], value: nodePaths.resolvConf, source: 'corekube (offline DNS; upstream resolvers are network.dnsServers)' },
+    { kind: 'KubeletConfiguration', path: ['volumePluginDir'], value: nodePaths.volumePluginDir, source: "corekube (FCOS's /usr is read-only)" },
+    { kind: 'InitConfiguration', path: ['patches', 'directory'], value: nodePaths.kubeadmPatches, source: 'corekube (the static pods run as spc_t under SELinux)' },
   ];
 }
 

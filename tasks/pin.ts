@@ -748,6 +748,70 @@ async function allOrNothing<T extends readonly unknown[]>(parent: AbortSignal, j
   }
 }
 
+// ---- each component, resolved -----------------------------------------------------------
+// One function per part of the lock; pin runs them side by side (allOrNothing). Each
+// returns its artifacts with the note the lock prints above each (where its sha256 came from).
+
+/** What one resolver contributes to the lock. */
+interface Pinned {
+  artifacts: Artifact[];
+  notes: ArtifactNotes;
+}
+
+/** The FCOS qemu image: URL and sha256 from the metadata, the uncompressed sha256 from it or from the image. */
+async function pinFcosQemu(s: Session, fcos: PinnedFcos, previous: Lock | undefined): Promise<Pinned> {
+  const note = fcos.disk.uncompressedSha256 ? fcos.note : `${fcos.note}\nuncompressedSha256: computed by pin from the decompressed download (the metadata has none)`;
+  return { artifacts: [await fcosArtifact(s, 'fcos-qemu', fcos.disk, previous)], notes: { 'fcos-qemu': note } };
+}
+
+/** The FCOS openstack image of the same release, for target openstack (nothing for qemu). */
+async function pinFcosOpenstack(s: Session, fcos: PinnedFcos, previous: Lock | undefined): Promise<Pinned> {
+  if (!fcos.openstack) return { artifacts: [], notes: {} };
+  const { disk, note } = fcos.openstack;
+  const shown = disk.uncompressedSha256 ? note : `${note}\nuncompressedSha256: computed by pin from the decompressed download (the metadata has none)`;
+  return { artifacts: [await fcosArtifact(s, 'fcos-openstack', disk, previous)], notes: { 'fcos-openstack': shown } };
+}
+
+/** The Kubernetes release, every binary with an upstream checksum file, and the image set its kubeadm names (with manifests/). */
+async function pinKubernetes(s: Session, components: ComponentVersions, manifestImages: readonly ManifestImage[]): Promise<Pinned & { version: string; images: ImageRef[] }> {
+  const version = await resolveKubernetesVersion(s);
+  const sources = artifactSources(s.config.fcos.arch, version, components).filter((src) => src.checksumUrl);
+  const sums = await Promise.all(sources.map((src) => readChecksum(s, src, version)));
+  const artifacts = sources.map((src, i): Artifact => ({ key: src.key, url: src.url, sha256: sums[i]! }));
+  const notes: ArtifactNotes = {};
+  for (const src of sources) notes[src.key] = `sha256 from ${src.checksumUrl}${src.key === 'kubeadm' ? ' (checked against the download)' : ''}`;
+  const kubeadm = await runnableKubeadm(s, artifacts.find((a) => a.key === 'kubeadm')!, sources.find((src) => src.key === 'kubeadm')!, version);
+  const wanted = wantedImages(await kubeadmImageList(s, kubeadm, version), version, manifestImages);
+  const limit = pLimit(s.ctx.settings.jobs);
+  const images = await Promise.all(wanted.map((w) => limit(() => resolveImage(s, w))));
+  return { version, artifacts, notes, images };
+}
+
+/**
+ * kubeadm, downloaded and checked against its checksum file, to run here: the cluster's
+ * own, or where that cannot run on this machine, the same release built for this host.
+ */
+async function runnableKubeadm(s: Session, kubeadm: Artifact, source: ArtifactSource, version: string): Promise<string> {
+  const entry = await downloadToCacheHashed(s, 'kubeadm', kubeadm.url, { sha256: kubeadm.sha256, checksumUrl: source.checksumUrl! });
+  const host = hostGoArch();
+  const clusterArch = goArch(s.config.fcos.arch);
+  if (host === clusterArch) return entry.path;
+  if (!host) throw new UserError(`pin: cannot run kubeadm on this machine (${process.arch}): pin on an amd64 or arm64 host`);
+  const hostUrl = kubeadm.url.replace(`/linux/${clusterArch}/`, `/linux/${host}/`);
+  const hostSum = await readChecksum(s, { key: 'kubeadm', url: hostUrl, checksumUrl: `${hostUrl}.sha256`, fileName: 'kubeadm' }, version);
+  return (await downloadToCacheHashed(s, 'kubeadm', hostUrl, { sha256: hostSum, checksumUrl: `${hostUrl}.sha256` })).path;
+}
+
+/** butane: upstream publishes no checksum file, so its sha256 is computed from the download (and the lock says so). */
+async function pinButane(s: Session, components: ComponentVersions): Promise<Pinned> {
+  const source = artifactSources(s.config.fcos.arch, 'v0.0.0', components).find((src) => src.key === 'butane')!;
+  const { sha256 } = await downloadToCacheHashed(s, 'butane', source.url);
+  return {
+    artifacts: [{ key: 'butane', url: source.url, sha256 }],
+    notes: { butane: 'no upstream checksum file (only a detached .asc signature, not checked here):\nsha256 computed by pin from the downloaded bytes' },
+  };
+}
+
 // ---- pin ------------------------------------------------------------------------------------
 
 /** Resolves everything cluster.yaml asks for against upstream and writes the lock. */
@@ -772,72 +836,37 @@ export async function pin(ctx: RunContext, options: PinOptions = {}): Promise<Pi
   });
   // Manifests first: a bad manifest fails before anything is downloaded.
   const manifestImages = readManifestImages(join(settings.root, 'manifests'));
-  const file = settings.lockFile;
-  const previous = readPrevious(file);
+  const previous = readPrevious(settings.lockFile);
   await ctx.cache.removeStaleTemporaries();
 
   // The FCOS metadata first: a stream or release without the cluster's architecture is a
   // configuration error, reported before anything else is asked.
   const fcos = await resolveFcos(session(ctx.signal));
-  const notes: ArtifactNotes = {
-    'fcos-qemu': fcos.disk.uncompressedSha256
-      ? fcos.note
-      : `${fcos.note}\nuncompressedSha256: computed by pin from the decompressed download (the metadata has none)`,
-  };
-  if (fcos.openstack) {
-    notes['fcos-openstack'] = fcos.openstack.disk.uncompressedSha256
-      ? fcos.openstack.note
-      : `${fcos.openstack.note}\nuncompressedSha256: computed by pin from the decompressed download (the metadata has none)`;
-  }
-  const [fcosQemu, kube, butane, fcosOpenstack] = await allOrNothing<[Artifact, { version: string; artifacts: Artifact[]; images: ImageRef[] }, Artifact, Artifact | undefined]>(ctx.signal, [
-    (signal) => fcosArtifact(session(signal), 'fcos-qemu', fcos.disk, previous.lock),
-    async (signal) => {
-      const s = session(signal);
-      const version = await resolveKubernetesVersion(s);
-      const sources = artifactSources(config.fcos.arch, version, components).filter((src) => src.checksumUrl);
-      const sums = await Promise.all(sources.map((src) => readChecksum(s, src, version)));
-      const artifacts = sources.map((src, i): Artifact => ({ key: src.key, url: src.url, sha256: sums[i]! }));
-      sources.forEach((src) => {
-        notes[src.key] = `sha256 from ${src.checksumUrl}${src.key === 'kubeadm' ? ' (checked against the download)' : ''}`;
-      });
-      // kubeadm: downloaded and checked against its checksum file; the image set comes from running it.
-      const kubeadm = artifacts.find((a) => a.key === 'kubeadm')!;
-      const kubeadmSource = sources.find((src) => src.key === 'kubeadm')!;
-      const entry = await downloadToCacheHashed(s, 'kubeadm', kubeadm.url, { sha256: kubeadm.sha256, checksumUrl: kubeadmSource.checksumUrl! });
-      let runnable = entry.path;
-      const host = hostGoArch();
-      if (host !== goArch(config.fcos.arch)) {
-        if (!host) throw new UserError(`pin: cannot run kubeadm on this machine (${process.arch}): pin on an amd64 or arm64 host`);
-        // The cluster's kubeadm cannot run here: ask the same release built for this host.
-        const hostUrl = kubeadm.url.replace(`/linux/${goArch(config.fcos.arch)}/`, `/linux/${host}/`);
-        const hostSum = await readChecksum(s, { key: 'kubeadm', url: hostUrl, checksumUrl: `${hostUrl}.sha256`, fileName: 'kubeadm' }, version);
-        runnable = (await downloadToCacheHashed(s, 'kubeadm', hostUrl, { sha256: hostSum, checksumUrl: `${hostUrl}.sha256` })).path;
-      }
-      const wanted = wantedImages(await kubeadmImageList(s, runnable, version), version, manifestImages);
-      const limit = pLimit(settings.jobs);
-      const images = await Promise.all(wanted.map((w) => limit(() => resolveImage(s, w))));
-      return { version, artifacts, images };
-    },
-    async (signal) => {
-      const s = session(signal);
-      const source = artifactSources(config.fcos.arch, 'v0.0.0', components).find((src) => src.key === 'butane')!;
-      const { sha256 } = await downloadToCacheHashed(s, 'butane', source.url);
-      notes.butane = 'no upstream checksum file (only a detached .asc signature, not checked here):\nsha256 computed by pin from the downloaded bytes';
-      return { key: 'butane', url: source.url, sha256 };
-    },
-    async (signal) => (fcos.openstack ? fcosArtifact(session(signal), 'fcos-openstack', fcos.openstack.disk, previous.lock) : undefined),
+  const [fcosQemu, kubernetes, butane, fcosOpenstack] = await allOrNothing<[Pinned, Pinned & { version: string; images: ImageRef[] }, Pinned, Pinned]>(ctx.signal, [
+    (signal) => pinFcosQemu(session(signal), fcos, previous.lock),
+    (signal) => pinKubernetes(session(signal), components, manifestImages),
+    (signal) => pinButane(session(signal), components),
+    (signal) => pinFcosOpenstack(session(signal), fcos, previous.lock),
   ]);
-  const artifacts = Object.fromEntries([fcosQemu, ...kube.artifacts, butane, ...(fcosOpenstack ? [fcosOpenstack] : [])].map((a) => [a.key, a])) as Lock['artifacts'];
+  const pinned = [fcosQemu, kubernetes, butane, fcosOpenstack];
   const content: LockContent = {
     fcos: { stream: config.fcos.stream, release: fcos.release, arch: config.fcos.arch },
-    kubernetes: { version: kube.version },
-    artifacts,
-    images: kube.images,
+    kubernetes: { version: kubernetes.version },
+    artifacts: Object.fromEntries(pinned.flatMap((p) => p.artifacts).map((a) => [a.key, a])) as Lock['artifacts'],
+    images: kubernetes.images,
   };
+  return writeLock(ctx, content, Object.assign({}, ...pinned.map((p) => p.notes)) as ArtifactNotes, previous);
+}
+
+/**
+ * Renders the lock, checks that it reads back as exactly what was resolved and matches
+ * cluster.yaml, and writes it (atomically) only where it differs from the previous one.
+ */
+async function writeLock(ctx: RunContext, content: LockContent, notes: ArtifactNotes, previous: ReturnType<typeof readPrevious>): Promise<PinResult> {
+  const file = ctx.settings.lockFile;
   const text = renderLock(content, notes);
-  // Self-check: the lock reads back as exactly what was resolved, and matches cluster.yaml.
-  const lock = parseLock(settings.lockFile, text);
-  checkLockMatchesConfig(lock, config);
+  const lock = parseLock(file, text);
+  checkLockMatchesConfig(lock, ctx.config);
   if (renderLock(lock, notes) !== text) throw new Error('pin: the rendered lock does not read back the same (a bug)');
 
   const shownName = relative(process.cwd(), file).startsWith('..') ? file : relative(process.cwd(), file) || file;

@@ -25,6 +25,11 @@ export interface StandIn {
   initrd: string;
   /** Extra kernel arguments after the ones the boot code adds for the stand-in. */
   append?: string;
+  /**
+   * A qcow2 OS disk (the stand-in node's root file system) on the drive where the FCOS
+   * image goes, under the same -snapshot; the kernel and initramfs boot it.
+   */
+  disk?: string;
 }
 
 export interface NodePaths {
@@ -110,9 +115,10 @@ export function qemuArgs(options: { config: ClusterConfig; node: NodeConfig; pat
   const { config, node, paths, accel, standIn } = options;
   const forwards = [`hostfwd=tcp:127.0.0.1:${sshPort(config, node)}-:22`];
   if (node.role === 'control-plane') forwards.push(`hostfwd=tcp:127.0.0.1:${config.hostPorts.apiServer}-:${apiServerGuestPort}`);
+  const osDrive = (image: string) => ['-drive', `if=virtio,file=${qemuValue(image)},format=qcow2`];
   const boot = standIn
-    ? ['-kernel', standIn.kernel, '-initrd', standIn.initrd, '-append', standInAppend(config, node, standIn.append)]
-    : ['-drive', `if=virtio,file=${qemuValue(paths.image)},format=qcow2`];
+    ? [...(standIn.disk ? osDrive(standIn.disk) : []), '-kernel', standIn.kernel, '-initrd', standIn.initrd, '-append', standInAppend(config, node, standIn.append)]
+    : osDrive(paths.image);
   return [
     '-name', `corekube-${config.name}-${node.name},process=corekube-${node.name}`,
     '-machine', `q35,accel=${accel}`,

@@ -1,5 +1,10 @@
 // A small TOML writer for the containerd configuration: nested tables of strings,
 // numbers, booleans and arrays of strings. Values are escaped, never spliced into text.
+// Not a library (smol-toml, @iarna/toml): corekube only writes TOML, never reads it, for one
+// file whose values it builds itself; these 40 lines fix the layout byte for byte (the
+// file lands in every node's Ignition config, so a serializer's new formatting would
+// rebuild them all), and a dependency would bring a parser nobody calls. Should corekube
+// ever read TOML, or write dates, inline tables or arrays of tables, take smol-toml.
 
 export type TomlValue = string | number | boolean | string[] | TomlTable;
 export interface TomlTable {

@@ -2,10 +2,11 @@
 // from the fixture server and registry, bundled, read back by GNU tar, unbundled into an
 // empty cache with every fixture server stopped and a plain TCP listener on their ports
 // counting connection attempts, then built from offline. Damaged, truncated and
-// conflicting bundles are refused with the cache and the project left as they were.
+// conflicting bundles are refused with the cache and the project left as they were, and so
+// are hostile ones (links, devices, paths leaving the tree, PAX renames, a name twice).
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -152,6 +153,22 @@ test('make bundle: one tar, the manifest first, every entry the lock needs, read
   assert.is(again.id, summary.id);
 });
 
+test('a damaged cache entry stops the bundle, naming the entry; no bundle and no temporary file are left', async () => {
+  const cacheDir = join(work, 'damaged-cache');
+  execFileSync('cp', ['-a', warm.cacheDir, cacheDir]);
+  const kubelet = join(cacheDir, 'sha256', tree.artifacts.kubelet!.sha256);
+  chmodSync(kubelet, 0o644);
+  const fd = openSync(kubelet, 'r+');
+  writeSync(fd, Buffer.from('X'), 0, 1, 100);
+  closeSync(fd);
+  const out = join(work, 'damaged-out');
+  const error = await refusal(() => writeBundle(warm.context({ cacheDir }), join(out, 'damaged.tar')));
+  assert.instance(error, ChecksumError);
+  assert.match(error.message, new RegExp(`cache entry ${kubelet.replace(/[.]/g, '\\.')} \\(artifact kubelet\\)`));
+  assert.match(error.message, /no bundle was written/);
+  assert.equal(listFiles(out), [], 'neither the bundle nor its temporary file');
+});
+
 test('a cache that lacks what the lock needs is not bundled: names each missing artifact and image, writes nothing', async () => {
   const cold = workspace();
   const error = await refusal(() => writeBundle(cold.context()));
@@ -266,6 +283,110 @@ test('a truncated bundle is refused naming what is cut short and what is missing
   const junk = join(work, 'junk.tar');
   writeFileSync(junk, Buffer.alloc(4096, 7));
   assert.match((await refusal(() => unbundle(workspace().context(), junk))).message, /not a usable corekube bundle: .*is it a bundle at all/);
+});
+
+/** A ustar header as any tar writer could make it (type, link name and size as given): the raw material of hostile bundles. */
+function rawHeader(name: string, size: number, type = '0', linkname = ''): Buffer {
+  const header = Buffer.alloc(512);
+  header.write(name, 0, 100, 'utf8');
+  header.write('0000444\0', 100, 'latin1');
+  header.write('0000000\0', 108, 'latin1');
+  header.write('0000000\0', 116, 'latin1');
+  header.write(`${size.toString(8).padStart(11, '0')}\0`, 124, 'latin1');
+  header.write('00000000000\0', 136, 'latin1');
+  header.fill(0x20, 148, 156);
+  header.write(type, 156, 'latin1');
+  header.write(linkname, 157, 100, 'utf8');
+  header.write('ustar\0' + '00', 257, 'latin1');
+  let sum = 0;
+  for (const byte of header) sum += byte;
+  header.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 'latin1');
+  return header;
+}
+
+/** Bytes padded to whole tar blocks. */
+const padded = (bytes: Buffer) => Buffer.concat([bytes, Buffer.alloc((512 - (bytes.length % 512)) % 512)]);
+
+/** A PAX extended header (type x) carrying these records, as GNU tar --format=pax writes one. */
+function paxHeader(records: Record<string, string>): Buffer {
+  const body = Buffer.from(
+    Object.entries(records)
+      .map(([key, value]) => {
+        const line = ` ${key}=${value}\n`;
+        let length = line.length + 1;
+        while (`${length}${line}`.length !== length) length++;
+        return `${length}${line}`;
+      })
+      .join(''),
+  );
+  return Buffer.concat([rawHeader('PaxHeaders.0/entry', body.length, 'x'), padded(body)]);
+}
+
+test('a hostile bundle is refused before any of it lands, naming the entry: path traversal, links, a device, a name twice, a size past the end, a PAX rename', async () => {
+  const original = readFileSync(bundleFile);
+  const listing = tarListing(bundleFile);
+  const kubeletPath = `cache/sha256/${tree.artifacts.kubelet!.sha256}`;
+  const at = (name: string) => listing.find((e) => e.name === name)!;
+  const kubelet = at(kubeletPath);
+  const header = kubelet.block * 512; // where the kubelet's header starts
+  const extent = 512 + padded(Buffer.alloc(kubelet.size)).length; // header and bytes
+  // Each hostile header keeps the archive's length: a shorter file is refused as truncated first.
+  const following = listing[listing.indexOf(kubelet) + 1]!.name;
+  const last = listing.at(-1)!;
+  const splice = (offset: number, remove: number, ...insert: Buffer[]) => Buffer.concat([original.subarray(0, offset), ...insert, original.subarray(offset + remove)]);
+  const quoted = (name: string) => JSON.stringify(name).replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+
+  const cases: { name: string; bytes: Buffer; expect: RegExp }[] = [
+    { name: 'a relative path out of the tree', bytes: splice(header, 512, rawHeader('../../corekube-escape', kubelet.size)), expect: new RegExp(`entry ${quoted('../../corekube-escape')} at byte ${header}: a path outside the bundle's tree`) },
+    { name: 'a ../ inside a cache path', bytes: splice(header, 512, rawHeader('cache/sha256/../../../corekube-escape', kubelet.size)), expect: new RegExp(`entry ${quoted('cache/sha256/../../../corekube-escape')} at byte ${header}: a path outside`) },
+    { name: 'an absolute path', bytes: splice(header, 512, rawHeader('/tmp/corekube-escape', kubelet.size)), expect: new RegExp(`entry ${quoted('/tmp/corekube-escape')} at byte ${header}: a path outside`) },
+    { name: 'a symlink in place of an artifact', bytes: splice(header, 512, rawHeader(kubeletPath, 0, '2', '/etc/passwd')), expect: new RegExp(`entry ${quoted(kubeletPath)} \\(kubelet\\) at byte ${header} is a symbolic link to "/etc/passwd", not a regular file`) },
+    { name: 'a hard link in place of an artifact', bytes: splice(header, 512, rawHeader(kubeletPath, 0, '1', 'corekube.lock.yaml')), expect: new RegExp(`entry ${quoted(kubeletPath)} \\(kubelet\\) at byte ${header} is a hard link to "corekube.lock.yaml", not a regular file`) },
+    { name: 'a character device', bytes: splice(header, 512, rawHeader(kubeletPath, 0, '3')), expect: new RegExp(`entry ${quoted(kubeletPath)} \\(kubelet\\) at byte ${header} is a character device, not a regular file`) },
+    { name: 'the same entry twice', bytes: splice(header + extent, 0, original.subarray(header, header + extent)), expect: new RegExp(`entry ${quoted(kubeletPath)} \\(kubelet\\) appears a second time, at byte ${header + extent}`) },
+    {
+      name: 'a size field past the end of the file',
+      bytes: splice(last.block * 512, 512, rawHeader(last.name, last.size + (64 << 20))),
+      expect: new RegExp(`entry ${quoted(last.name)} has ${last.size + (64 << 20)} bytes in its tar header, the manifest says ${last.size}`),
+    },
+    {
+      name: 'a manifest whose size field runs past the end of the file',
+      bytes: Buffer.concat([rawHeader(manifestEntry, 1 << 20), original.subarray(512, 1024)]),
+      expect: /truncated: 1024 bytes[^]*cut short: the manifest corekube-bundle\.json/,
+    },
+    {
+      name: 'a PAX header renaming an entry out of the tree',
+      bytes: splice(header, 0, paxHeader({ path: '../../corekube-escape' })),
+      expect: new RegExp(`entry ${quoted('../../corekube-escape')} at byte ${header + 1024} comes with a PAX extended header \\(path=\\.\\./\\.\\./corekube-escape\\)`),
+    },
+    {
+      name: 'a PAX header renaming an entry to the next one',
+      bytes: splice(header, 0, paxHeader({ path: following })),
+      expect: new RegExp(`entry ${quoted(following)}( \\(\\S+\\))? at byte ${header + 1024} comes with a PAX extended header`),
+    },
+    {
+      name: 'a GNU long-name header',
+      bytes: splice(header, 0, rawHeader('././@LongLink', kubeletPath.length + 1, 'L'), padded(Buffer.from(`${kubeletPath}\0`))),
+      expect: new RegExp(`entry ${quoted(kubeletPath)} \\(kubelet\\) at byte ${header + 1024}, where ${kubeletPath} was expected at byte ${header}: an extra header`),
+    },
+  ];
+  const hostile = join(work, 'hostile.tar');
+  for (const { name, bytes, expect } of cases) {
+    writeFileSync(hostile, bytes);
+    const site = workspace();
+    rmSync(site.lockFile);
+    rmSync(site.configFile);
+    const error = await refusal(() => unbundle(site.context(), hostile));
+    assert.instance(error, UserError, name);
+    assert.match(error.message, expect, name);
+    assert.match(error.message, /Nothing was added to the cache/, name);
+    assert.equal(listFiles(site.cacheDir), [], `${name}: the cache is as it was (empty), cache/tmp cleaned`);
+    assert.not.ok(existsSync(site.lockFile) || existsSync(site.configFile), `${name}: no lock or config installed`);
+    // A warm cache is left exactly as it was.
+    const before = snapshot(warm.cacheDir);
+    assert.match((await refusal(() => unbundle(warm.context(), hostile))).message, expect, name);
+    assert.equal(snapshot(warm.cacheDir), before, `${name}: the warm cache is as it was`);
+  }
 });
 
 test('a project lock or config that differs is refused before anything lands, naming the difference; --force replaces, keeping the old', async () => {

@@ -135,9 +135,13 @@ test('local files stay inside the files directory; a missing one is named', () =
 test('every file in fcc/ translates and ignition-validate accepts the result', () => {
   const files = join(work, 'fcc-files');
   mkdirSync(files, { recursive: true });
-  for (const name of ['hostname', 'hosts', 'corekube-cluster.nmconnection', 'corekube-host.nmconnection', 'containerd.toml', 'kubeadm.yaml', 'ca.crt', 'authorized_keys', 'ca.key', 'pod-security.yaml', 'flannel-config.yaml']) {
-    writeFileSync(join(files, name), `${name}\n`);
-  }
+  // Every file the Butane sources pull in with `local:` (base.ign is compiled below).
+  const locals = new Set(
+    ['base', 'control-plane', 'worker'].flatMap((role) => [...readFileSync(join(projectRoot, 'fcc', `${role}.bu`), 'utf8').matchAll(/^\s*local: (\S+)$/gm)].map((m) => m[1]!)),
+  );
+  locals.delete('base.ign');
+  assert.ok(locals.has('kubeadm.yaml') && locals.has('resolv.conf') && locals.has('kubeadm-patch-etcd.yaml'), [...locals].join(', '));
+  for (const name of locals) writeFileSync(join(files, name), `${name}\n`);
   const base = translate(readFileSync(join(projectRoot, 'fcc', 'base.bu'), 'utf8'), files);
   writeFileSync(join(files, 'base.ign'), base);
   for (const role of ['base', 'control-plane', 'worker']) {

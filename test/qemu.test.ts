@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { checkPortsFree } from '../tasks/boot.ts';
+import { checkPortsFree, standInFromEnv } from '../tasks/boot.ts';
 import { loadConfig } from '../tasks/config.ts';
 import { parseLock } from '../tasks/lock.ts';
 import { macAddress } from '../tasks/node-config.ts';
@@ -92,6 +92,21 @@ test('a stand-in kernel replaces the FCOS drive and gets the node facts on its c
   assert.match(append, /corekube\.mode=poweroff$/);
   const strip = (a: string[]) => a.filter((x, i) => !['-kernel', '-initrd', '-append', '-drive'].includes(x) && !['-kernel', '-initrd', '-append'].includes(a[i - 1]!) && !x.includes('format=qcow2'));
   assert.equal(strip(args), strip(real));
+});
+
+test('a stand-in OS disk (test-only) takes the FCOS drive line, under -snapshot, booted by the stand-in kernel', () => {
+  const standIn = { kernel: '/k/vmlinuz', initrd: '/k/initrd.gz', disk: '/k/root,1.qcow2' };
+  const args = qemuArgs({ config, node: w1, paths: paths(w1), accel: 'tcg', standIn });
+  const real = qemuArgs({ config, node: w1, paths: paths(w1), accel: 'tcg' });
+  const drives = option(args, '-drive');
+  assert.equal(drives[0], 'if=virtio,file=/k/root,,1.qcow2,format=qcow2');
+  assert.equal(option(real, '-drive')[0], `if=virtio,file=${paths(w1).image.replaceAll(',', ',,')},format=qcow2`);
+  assert.equal(drives.slice(1), option(real, '-drive').slice(1), 'the image disk as for FCOS');
+  assert.ok(args.includes('-snapshot'));
+  assert.equal(option(args, '-initrd'), ['/k/initrd.gz']);
+  assert.equal(standInFromEnv({ COREKUBE_STANDIN_KERNEL: '/k', COREKUBE_STANDIN_INITRD: '/i', COREKUBE_STANDIN_DISK: '/d' }), { kernel: '/k', initrd: '/i', append: undefined, disk: '/d' });
+  assert.equal(standInFromEnv({}), undefined);
+  assert.throws(() => standInFromEnv({ COREKUBE_STANDIN_DISK: '/d' }), /COREKUBE_STANDIN_KERNEL is not/);
 });
 
 test('a port already taken on 127.0.0.1 is named with the config field that chose it', async () => {

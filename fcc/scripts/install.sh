@@ -26,9 +26,15 @@ for plugin in "$disk"/cni/*; do
   [ -f "$plugin" ] && [ -x "$plugin" ] && install -m 0755 "$plugin" "$cni/$(basename "$plugin")"
 done
 
-# SELinux: give the copies the labels the policy has for these paths (on FCOS,
-# enforcing); a no-op where SELinux is off or restorecon is absent.
-if [ -z "$root" ] && command -v restorecon >/dev/null 2>&1; then
-  restorecon -R /usr/local/bin /opt/cni/bin || true
+# SELinux (FCOS runs enforcing): label the copies as the policy means them to be.
+# /usr/local is /var/usrlocal on FCOS, which the policy aliases to /usr/local
+# (file_contexts.subs_dist), so restorecon gives kubelet kubelet_exec_t and containerd,
+# its shim and runc container_runtime_exec_t (container-selinux's container.fc).
+# /opt is /var/opt on FCOS with no such alias: restorecon would leave var_t, so the CNI
+# plugins get bin_t explicitly, what the policy gives /opt/*/bin on a Fedora with a real /opt.
+if [ -z "$root" ] && command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled; then
+  restorecon -R /usr/local/bin
+  chcon -R -t bin_t "$cni"
+  echo "corekube: SELinux labels: $(stat -c %C /usr/local/bin/kubelet) on kubelet, $(stat -c %C "$cni") on $cni"
 fi
 echo "corekube: installed $(find "$bin" -type f | wc -l) binaries and $(find "$cni" -type f | wc -l) CNI plugins"

@@ -1,0 +1,236 @@
+// Fedora CoreOS specifics (README: "Fedora CoreOS specifics"): what a real FCOS node needs
+// that a generic Linux would not (enforcing SELinux, a read-only /usr, kubeadm join's
+// preflight, flannel on a two-NIC node, DNS with no upstream). Each fix is asserted on
+// what the pipeline writes: the kubeadm configuration and patches parsed as kubeadm
+// would, the flannel manifest as shipped on the image disk, and each node's Ignition
+// config applied by the real Ignition to a scratch root, for Kubernetes v1.35 and v1.36.
+import { mkdtempSync, readdirSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { parseAllDocuments } from 'yaml';
+import { parseConfig, type ClusterConfig } from '../tasks/config.ts';
+import { InputError } from '../tasks/errors.ts';
+import { runStages } from '../tasks/engine.ts';
+import { ignitionStage } from '../tasks/ignition.ts';
+import { parseLock, type Lock } from '../tasks/lock.ts';
+import { kubeadmDocuments, nodePaths, renderKubeadmPatches, renderNetwork, renderResolvConf, renderSelinuxConfig } from '../tasks/node-config.ts';
+import { pkiStage } from '../tasks/pki.ts';
+import { applyIgnition } from './fixtures/ignition.ts';
+import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
+import { listFiles, loud, makeWorkspace, projectRoot, type Workspace } from './helpers.ts';
+
+const work = mkdtempSync(join(tmpdir(), 'corekube-fcos-'));
+const keyFile = join(work, 'id.pub');
+writeFileSync(keyFile, 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGNvcmVrdWJldGVzdGtleQ test@corekube\n');
+const pki = { token: 'abcdef.0123456789abcdef', caHash: `sha256:${'a'.repeat(64)}` };
+const digest = (c: string) => `sha256:${c.repeat(64)}`;
+const pauseImage = `registry.k8s.io/pause:3.10.1@${digest('1')}`;
+
+test.after(() => rmSync(work, { recursive: true, force: true }));
+
+function config(version: string, extra = ''): ClusterConfig {
+  return parseConfig(
+    join(work, 'cluster.yaml'),
+    `name: demo\nkubernetes: {version: ${version}}\nnodes:\n  - {name: cp1, role: control-plane, ip: 10.77.0.10}\n  - {name: w1, role: worker, ip: 10.77.0.21, memory: 2GiB}\nsshPublicKeyFile: id.pub\n${extra}`,
+  );
+}
+
+function lock(version: string): Lock {
+  const artifact = (name: string) => `  ${name}: {url: "https://example.invalid/${name}", sha256: "${'b'.repeat(64)}"}`;
+  const artifacts = ['kubeadm', 'kubelet', 'kubectl', 'crictl', 'runc', 'cni-plugins', 'butane'].map(artifact);
+  return parseLock(
+    join(work, 'lock.yaml'),
+    [
+      'lockVersion: 1',
+      'fcos: {stream: stable, release: 43.20260802.3.1, arch: x86_64}',
+      `kubernetes: {version: ${version}}`,
+      'artifacts:',
+      `  fcos-qemu: {url: "https://example.invalid/fcos.qcow2.xz", sha256: "${'c'.repeat(64)}", uncompressedSha256: "${'d'.repeat(64)}"}`,
+      `  containerd: {url: "https://example.invalid/containerd-2.1.4-linux-amd64.tar.gz", sha256: "${'e'.repeat(64)}"}`,
+      ...artifacts,
+      'images:',
+      `  - ${pauseImage}`,
+      '',
+    ].join('\n'),
+  );
+}
+
+const byKind = (docs: Record<string, unknown>[]) => Object.fromEntries(docs.map((d) => [d.kind as string, d as Record<string, any>]));
+
+test('kubeadm v1.35: the controller-manager gets a writable FlexVolume directory (kubeadm mounts it DirectoryOrCreate; /usr is read-only)', () => {
+  const c = config('v1.35.7');
+  const docs = byKind(kubeadmDocuments(c, lock('v1.35.7'), c.nodes[0]!, pki));
+  assert.equal(docs.ClusterConfiguration!.controllerManager.extraArgs, [{ name: 'flex-volume-plugin-dir', value: '/var/lib/kubelet/volumeplugins' }]);
+  assert.is(docs.KubeletConfiguration!.volumePluginDir, '/var/lib/kubelet/volumeplugins', 'kubelet and controller-manager agree');
+  assert.not.ok(docs.KubeletConfiguration!.volumePluginDir.startsWith('/usr/'));
+});
+
+test('kubeadm v1.36: no FlexVolume flag (kubeadm no longer mounts the directory); the kubelet still gets a writable one', () => {
+  const c = config('v1.36.3');
+  const docs = byKind(kubeadmDocuments(c, lock('v1.36.3'), c.nodes[0]!, pki));
+  assert.is(docs.ClusterConfiguration!.controllerManager, undefined);
+  assert.is(docs.KubeletConfiguration!.volumePluginDir, '/var/lib/kubelet/volumeplugins');
+});
+
+test('the static pods run as spc_t: kubeadm reads patches named TARGET+strategic.yaml from the Init and Join patches directory', () => {
+  for (const version of ['v1.35.7', 'v1.36.3']) {
+    const c = config(version);
+    const init = byKind(kubeadmDocuments(c, lock(version), c.nodes[0]!, pki));
+    const join_ = byKind(kubeadmDocuments(c, lock(version), c.nodes[1]!, pki));
+    assert.equal(init.InitConfiguration!.patches, { directory: nodePaths.kubeadmPatches });
+    assert.equal(join_.JoinConfiguration!.patches, { directory: nodePaths.kubeadmPatches });
+  }
+  const patches = renderKubeadmPatches();
+  assert.equal(patches.map((p) => p.target).sort(), ['etcd', 'kube-apiserver', 'kube-controller-manager', 'kube-scheduler']);
+  // kubeadm's parseFilename (cmd/kubeadm/app/util/patches/patches.go): target, optional suffix, "+", patch type, .yaml|.json.
+  const kubeadmName = /^(etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubeletconfiguration)([^.+\n]*)?(\+)?(json|merge|strategic)?.*\.(json|yaml)$/;
+  for (const patch of patches) {
+    const match = kubeadmName.exec(patch.file);
+    assert.ok(match, patch.file);
+    assert.is(match![1], patch.target);
+    assert.is(match![4], 'strategic');
+    const docs = parseAllDocuments(patch.content).map((d) => d.toJS());
+    assert.is(docs.length, 1, 'one patch per file');
+    assert.equal(docs[0], { spec: { securityContext: { seLinuxOptions: { type: 'spc_t' } } } });
+  }
+});
+
+test('a worker is given only its JoinConfiguration: no CA file for the FileAvailable preflight to trip on, discovery that outlasts a slow control plane', () => {
+  const c = config('v1.35.7');
+  const docs = kubeadmDocuments(c, lock('v1.35.7'), c.nodes[1]!, pki);
+  assert.equal(docs.map((d) => d.kind), ['JoinConfiguration'], 'kubeadm join ignores every other kind');
+  const join_ = docs[0] as Record<string, any>;
+  assert.equal(join_.discovery.bootstrapToken.caCertHashes, [pki.caHash], 'the CA comes by discovery, pinned by its hash');
+  assert.is(join_.discovery.file, undefined);
+  assert.is(join_.controlPlane, undefined);
+  assert.ok(parseDuration(join_.timeouts.discovery) >= 15 * 60, join_.timeouts.discovery);
+});
+
+function parseDuration(text: string): number {
+  const match = /^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$/.exec(text);
+  assert.ok(match, text);
+  return Number(match![1] ?? 0) * 3600 + Number(match![2] ?? 0) * 60 + Number(match![3] ?? 0);
+}
+
+test('DNS offline: the kubelet hands pods a resolv.conf that is never the systemd-resolved stub; with no upstream it names the node itself', () => {
+  const c = config('v1.35.7');
+  const docs = byKind(kubeadmDocuments(c, lock('v1.35.7'), c.nodes[0]!, pki));
+  assert.is(docs.KubeletConfiguration!.resolvConf, '/etc/corekube/resolv.conf');
+  for (const node of c.nodes) {
+    const text = renderResolvConf(c, node);
+    const servers = [...text.matchAll(/^nameserver (\S+)$/gm)].map((m) => m[1]);
+    assert.equal(servers, [node.ip], 'exactly one nameserver (CoreDNS refuses to start with none): the node, where nothing serves DNS');
+    assert.not.match(text, /^nameserver 127\./m);
+  }
+  // The node's own resolver list: no server at all, and nothing from DHCP on the host NIC.
+  const keyfile = renderNetwork(c, c.nodes[0]!);
+  assert.not.match(keyfile.cluster, /^dns=/m);
+  assert.match(keyfile.cluster, /^ignore-auto-dns=true$/m);
+  assert.match(keyfile.user, /^ignore-auto-dns=true$/m);
+});
+
+test('DNS with upstream resolvers (network.dnsServers): CoreDNS and the node forward to them', () => {
+  const c = config('v1.35.7', 'network: {dnsServers: [192.0.2.53, 198.51.100.53]}\n');
+  assert.equal(c.network.dnsServers, ['192.0.2.53', '198.51.100.53']);
+  assert.equal([...renderResolvConf(c, c.nodes[1]!).matchAll(/^nameserver (\S+)$/gm)].map((m) => m[1]), ['192.0.2.53', '198.51.100.53']);
+  assert.match(renderNetwork(c, c.nodes[1]!).cluster, /^dns=192\.0\.2\.53;198\.51\.100\.53;$/m);
+});
+
+function problems(extra: string): { path: string; expected: string; found: string }[] {
+  try {
+    config('v1.35.7', extra);
+  } catch (error) {
+    if (error instanceof InputError) return error.problems;
+    throw error;
+  }
+  assert.unreachable(`accepted: ${extra}`);
+  return [];
+}
+
+test('selinux and network.dnsServers: bad values refused naming the field', () => {
+  assert.is(config('v1.35.7').selinux, 'enforcing', 'FCOS default');
+  assert.is(config('v1.35.7', 'selinux: permissive\n').selinux, 'permissive');
+  const disabled = problems('selinux: disabled\n');
+  assert.equal(disabled.map((p) => p.path), ['selinux']);
+  assert.match(disabled[0]!.expected, /enforcing.*permissive/);
+  assert.equal(problems('network: {dnsServers: [127.0.0.53]}\n').map((p) => p.path), ['network.dnsServers[0]'], 'the stub resolver is a loop for CoreDNS');
+  assert.equal(problems('network: {dnsServers: [10.96.0.10]}\n').map((p) => p.path), ['network.dnsServers[0]'], 'a resolver inside the service range is the cluster asking itself');
+  assert.equal(problems('network: {dnsServers: [dns.example]}\n').map((p) => p.path), ['network.dnsServers[0]']);
+  assert.equal(problems('network: {dnsServers: [192.0.2.1, 192.0.2.2, 192.0.2.3, 192.0.2.4]}\n').map((p) => p.path), ['network.dnsServers']);
+});
+
+test('selinux: /etc/selinux/config carries the mode cluster.yaml asks for', () => {
+  assert.match(renderSelinuxConfig(config('v1.35.7')), /^SELINUX=enforcing$/m);
+  const permissive = renderSelinuxConfig(config('v1.35.7', 'selinux: permissive\n'));
+  assert.match(permissive, /^SELINUX=permissive$/m);
+  assert.match(permissive, /^SELINUXTYPE=targeted$/m);
+});
+
+test('flannel as shipped: every container privileged (spc_t), flanneld pinned to the node address, in a privileged namespace', () => {
+  const docs = parseAllDocuments(readFileSync(join(projectRoot, 'manifests', '10-flannel.yaml'), 'utf8')).map((d) => d.toJS());
+  const daemonSet = docs.find((d) => d.kind === 'DaemonSet');
+  const spec = daemonSet.spec.template.spec;
+  const containers = [...spec.initContainers, ...spec.containers];
+  assert.equal(containers.map((c: any) => c.name), ['install-cni-plugin', 'install-cni', 'kube-flannel']);
+  for (const container of containers) assert.is(container.securityContext?.privileged, true, `${container.name} privileged`);
+  const flanneld = spec.containers[0];
+  assert.ok(flanneld.args.includes('--iface=$(NODE_IP)'), flanneld.args.join(' '));
+  assert.equal(flanneld.env.find((e: any) => e.name === 'NODE_IP').valueFrom, { fieldRef: { fieldPath: 'status.hostIP' } });
+  assert.is(spec.hostNetwork, true, 'status.hostIP is the kubelet node-ip, the cluster address');
+  const namespace = docs.find((d) => d.kind === 'Namespace');
+  assert.is(namespace.metadata.labels['pod-security.kubernetes.io/enforce'], 'privileged');
+});
+
+// The whole path for v1.36, SELinux permissive, upstream DNS: pki + ignition stages, then the real Ignition.
+let tree: UpstreamTree;
+let ws: Workspace;
+const roots: Record<string, string> = {};
+
+test('v1.36, permissive, upstream DNS: the real Ignition writes what FCOS reads, where it reads it', loud(async () => {
+  tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: 'v1.36.3' });
+  ws = makeWorkspace(tree, 'http://127.0.0.1:9', {
+    nodes: ['{name: cp1, role: control-plane, ip: 10.77.0.10}', '{name: w1, role: worker, ip: 10.77.0.21, memory: 2GiB}'],
+    images: [pauseImage],
+    extraConfig: ['selinux: permissive', 'network: {dnsServers: [192.0.2.53]}'],
+  });
+  await runStages(ws.context(), [pkiStage, ignitionStage], { renderer: 'silent' });
+  for (const node of ['cp1', 'w1']) roots[node] = (await applyIgnition(join(ws.outDir, 'ignition', `${node}.ign`), work)).root;
+  for (const [node, root] of Object.entries(roots)) {
+    const etc = join(root, 'etc');
+    assert.is(readFileSync(join(etc, 'systemd', 'network', '50-flannel.link'), 'utf8'), '[Match]\nOriginalName=flannel*\n\n[Link]\nMACAddressPolicy=none\n', node);
+    assert.match(readFileSync(join(etc, 'NetworkManager', 'conf.d', 'corekube-cni.conf'), 'utf8'), /^unmanaged-devices=interface-name:cni0;interface-name:flannel\*;interface-name:veth\*$/m);
+    assert.match(readFileSync(join(etc, 'selinux', 'config'), 'utf8'), /^SELINUX=permissive$/m);
+    const unit = readFileSync(join(etc, 'systemd', 'system', 'corekube-selinux.service'), 'utf8');
+    assert.match(unit, /^EnvironmentFile=\/etc\/selinux\/config$/m);
+    assert.match(unit, /^ExecStart=\/usr\/sbin\/setenforce \$\{SELINUX\}$/m);
+    assert.match(unit, /^Before=containerd\.service/m);
+    assert.match(readFileSync(join(etc, 'systemd', 'system-preset', '20-ignition.preset'), 'utf8'), /^enable corekube-selinux\.service$/m);
+    assert.equal(readdirSync(join(etc, 'corekube', 'kubeadm-patches')).sort(), ['etcd+strategic.yaml', 'kube-apiserver+strategic.yaml', 'kube-controller-manager+strategic.yaml', 'kube-scheduler+strategic.yaml']);
+    assert.equal(parseAllDocuments(readFileSync(join(etc, 'corekube', 'kubeadm-patches', 'etcd+strategic.yaml'), 'utf8'))[0]!.toJS(), { spec: { securityContext: { seLinuxOptions: { type: 'spc_t' } } } });
+    assert.match(readFileSync(join(etc, 'corekube', 'resolv.conf'), 'utf8'), /^nameserver 192\.0\.2\.53$/m);
+  }
+  const [init, cluster, kubelet] = parseAllDocuments(readFileSync(join(roots.cp1!, 'etc', 'corekube', 'kubeadm.yaml'), 'utf8')).map((d) => d.toJS());
+  assert.is(init.patches.directory, '/etc/corekube/kubeadm-patches');
+  assert.is(cluster.kubernetesVersion, 'v1.36.3');
+  assert.is(cluster.controllerManager, undefined);
+  assert.is(kubelet.resolvConf, '/etc/corekube/resolv.conf');
+  assert.ok(existsSync(join(roots.cp1!, 'etc', 'kubernetes', 'pki', 'ca.crt')));
+  assert.not.ok(listFiles(roots.w1!).some((f) => f.includes('kubernetes/pki')), 'no CA on the worker');
+}));
+
+test('enforcing by default: /etc/selinux/config says so; the patches and the mode are in every node config', async () => {
+  const enforcing = makeWorkspace(tree, 'http://127.0.0.1:9', { images: [pauseImage] });
+  try {
+    await runStages(enforcing.context(), [pkiStage, ignitionStage], { renderer: 'silent' });
+    const root = (await applyIgnition(join(enforcing.outDir, 'ignition', 'cp1.ign'), work)).root;
+    assert.match(readFileSync(join(root, 'etc', 'selinux', 'config'), 'utf8'), /^SELINUX=enforcing$/m);
+    assert.match(readFileSync(join(root, 'etc', 'corekube', 'resolv.conf'), 'utf8'), /^nameserver 10\.77\.0\.10$/m);
+  } finally {
+    rmSync(enforcing.dir, { recursive: true, force: true });
+    rmSync(ws.dir, { recursive: true, force: true });
+  }
+});
+
+test.run();
