@@ -32,7 +32,7 @@ import type { Progress } from './download.ts';
 import { acquireRunLock } from './engine.ts';
 import { UserError } from './errors.ts';
 import { refName, storeDir } from './images.ts';
-import { artifactKeys, parseLock, storedSha256, type Lock } from './lock.ts';
+import { lockedArtifacts, parseLock, storedSha256, type Lock } from './lock.ts';
 import {
   blobPath,
   findRef,
@@ -143,8 +143,8 @@ async function planBundle(ctx: RunContext): Promise<{ manifest: BundleManifest; 
 
   const artifacts: Source[] = [];
   const seen = new Set<string>();
-  for (const key of artifactKeys) {
-    const hex = storedSha256(lock.artifacts[key]);
+  for (const { key } of lockedArtifacts(lock)) {
+    const hex = storedSha256(lock.artifacts[key]!);
     if (seen.has(hex)) continue;
     seen.add(hex);
     const file = cache.entryPath(hex);
@@ -346,8 +346,9 @@ function lockDifferences(ours: Lock, theirs: Lock): string[] {
   const field = (name: string, a: string, b: string) => a !== b && lines.push(`  ${name}: yours ${a}, the bundle's ${b}`);
   field('fcos', `${ours.fcos.stream} ${ours.fcos.release} ${ours.fcos.arch}`, `${theirs.fcos.stream} ${theirs.fcos.release} ${theirs.fcos.arch}`);
   field('kubernetes.version', ours.kubernetes.version, theirs.kubernetes.version);
-  for (const key of artifactKeys) {
-    field(`artifacts.${key}`, `sha256 ${storedSha256(ours.artifacts[key]).slice(0, 12)}…`, `sha256 ${storedSha256(theirs.artifacts[key]).slice(0, 12)}…`);
+  for (const key of new Set([...lockedArtifacts(ours), ...lockedArtifacts(theirs)].map((a) => a.key))) {
+    const sum = (lock: Lock) => (lock.artifacts[key] ? `sha256 ${storedSha256(lock.artifacts[key]).slice(0, 12)}…` : 'none');
+    field(`artifacts.${key}`, sum(ours), sum(theirs));
   }
   const texts = (lock: Lock) => new Set(lock.images.map((i) => `${i.text}${i.layoutDigest !== i.digest ? ` (layout ${i.layoutDigest})` : ''}`));
   const [a, b] = [texts(ours), texts(theirs)];
@@ -552,7 +553,7 @@ class BundleReading {
   /** The bundle holds exactly the artifacts its lock names. */
   #checkArtifactsAgainstLock(): void {
     const wanted = new Map<string, string>();
-    for (const key of artifactKeys) wanted.set(storedSha256(this.#lock!.artifacts[key]), key);
+    for (const artifact of lockedArtifacts(this.#lock!)) wanted.set(storedSha256(artifact), artifact.key);
     for (const [hex, key] of wanted) this.#artifactNames.set(hex, key);
     const present = new Set(this.#manifest!.entries.filter((e) => e.path.startsWith(artifactPrefix)).map((e) => e.sha256));
     const lacking = [...wanted].filter(([hex]) => !present.has(hex)).map(([hex, key]) => `  artifact ${key}: sha256 ${hex}`);

@@ -12,7 +12,7 @@ import { BatchedWriter } from './chunks.ts';
 import { mirrorUrl } from './config.ts';
 import { downloadChunks, type DownloadOptions } from './download.ts';
 import { OfflineError, UserError } from './errors.ts';
-import { artifactFileName, isXz, storedSha256, targetArtifacts, type Artifact } from './lock.ts';
+import { artifactFileName, isXz, lockedArtifacts, storedSha256, type Artifact } from './lock.ts';
 import { formatRate, progressMeter } from './progress.ts';
 import type { Stage, StageTask } from './stage.ts';
 
@@ -30,16 +30,16 @@ export const fetchStage: Stage = {
   tools: ['xz'],
   inputs(ctx) {
     return Object.fromEntries(
-      targetArtifacts(ctx.lock, ctx.config.target).map((artifact) => [`artifacts.${artifact.key}`, `${artifactFileName(artifact)} sha256:${storedSha256(artifact)}`]),
+      lockedArtifacts(ctx.lock).map((artifact) => [`artifacts.${artifact.key}`, `${artifactFileName(artifact)} sha256:${storedSha256(artifact)}`]),
     );
   },
   outputs(ctx) {
-    return targetArtifacts(ctx.lock, ctx.config.target).map(artifactOutput);
+    return lockedArtifacts(ctx.lock).map(artifactOutput);
   },
   async run(ctx, task) {
     const { cache, settings } = ctx;
     await cache.removeStaleTemporaries();
-    const artifacts = targetArtifacts(ctx.lock, ctx.config.target);
+    const artifacts = lockedArtifacts(ctx.lock);
     const missing = artifacts.filter((a) => !cache.has(storedSha256(a)));
     if (settings.offline && missing.length > 0) throw offlineMissing(missing);
 

@@ -59,12 +59,6 @@ export interface Lock {
   images: ImageRef[];
 }
 
-/** What a target fetches: the nine required artifacts, and for openstack also its FCOS image. */
-export function targetArtifacts(lock: Pick<Lock, 'artifacts'>, target: 'qemu' | 'openstack'): Artifact[] {
-  const wanted: AnyArtifactKey[] = target === 'openstack' ? [...artifactKeys, 'fcos-openstack'] : [...artifactKeys];
-  return wanted.flatMap((key) => (lock.artifacts[key] ? [lock.artifacts[key]] : []));
-}
-
 /** Every artifact the lock holds, required ones first, in the order fetch reports them. */
 export function lockedArtifacts(lock: Pick<Lock, 'artifacts'>): Artifact[] {
   return [...artifactKeys, ...optionalArtifactKeys].flatMap((key) => (lock.artifacts[key] ? [lock.artifacts[key]] : []));

@@ -35,7 +35,7 @@ import { parseFcosStream } from '../tasks/upstream.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, loud, makeWorkspace, projectImages, projectRoot, type Workspace, type WorkspaceOptions } from './helpers.ts';
+import { fixtureMirrors, loud, makeWorkspace, projectImages, projectRoot, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-pin-'));
 const version = 'v1.35.7';
@@ -243,7 +243,7 @@ test('pin from scratch writes a lock that parseLock accepts, and fetch and image
 
 const openstackConfig = ['target: openstack', 'openstack: {cloud: test, flavors: {controlPlane: m1.large, worker: m1.medium}, adminCidr: 192.0.2.0/24}'];
 
-test('target openstack: pin adds the FCOS openstack image with both sha256s; fetch gets it only for that target', async () => {
+test('target openstack: pin adds the FCOS openstack image with both sha256s; fetch and the bundle carry it', async () => {
   const ws = workspace({ extraConfig: openstackConfig });
   const result = await pinIn(ws);
   const want = tree.artifacts['fcos-openstack']!;
@@ -266,12 +266,11 @@ test('target openstack: pin adds the FCOS openstack image with both sha256s; fet
   const out = readdirSync(join(ws.outDir, 'artifacts'));
   assert.ok(out.includes(`fedora-coreos-${tree.fcosRelease}-openstack.x86_64.qcow2`), out.join(' '));
   assert.ok(existsSync(join(ws.cacheDir, 'sha256', want.uncompressedSha256!)), 'decompressed and checked into the cache');
-  // The same lock with TARGET=qemu: fetch does not download it.
-  const plain = workspace();
-  writeFileSync(plain.lockFile, readFileSync(ws.lockFile));
-  server.requests.length = 0;
-  await runStages(plain.context(quick), [fetchStage], { renderer: 'silent' });
-  assert.not.ok(server.requests.some((r) => r.path === want.servedPath), 'the qemu target does not fetch it');
+  // An air-gapped cloud gets it through the bundle, like every artifact the lock names.
+  const bundle = join(ws.dir, 'bundle.tar');
+  const made = await runCli(['bundle', '--file', bundle, ...workspaceArgs(ws)]);
+  assert.is(made.code, 0, made.stderr);
+  assert.ok(execFileSync('tar', ['-tf', bundle], { encoding: 'utf8' }).split('\n').some((p) => p.endsWith(`sha256/${want.uncompressedSha256}`)), 'the bundle carries the openstack image');
 });
 
 test('pin again: the lock is byte-identical and untouched, and the summary says unchanged', async () => {
