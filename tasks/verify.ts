@@ -195,8 +195,11 @@ export const verifyStage: Stage = {
           throw new UserError(
             `the cluster is not ready after ${timeoutSeconds}s (VERIFY_TIMEOUT):\n` +
               results.map((r) => `  ${r.ok ? 'ok  ' : 'FAIL'} ${r.name}: ${r.detail}`).join('\n') +
-              `\nlast lines of ${culprit}'s console (out/${logsDir}/${culprit}.log):\n${logTail(outDir, culprit)}\n` +
-              'Next: make ssh NODE=' + culprit + ' and journalctl -b, or make down boot to start over.',
+              (ctx.config.target === 'openstack'
+                ? `\n${culprit}'s console is on the cloud: openstack console log show ${ctx.config.name}-${culprit}\n` +
+                  'Next: make ssh NODE=' + culprit + ' TARGET=openstack and journalctl -b, or make boot TARGET=openstack to rebuild the servers.'
+                : `\nlast lines of ${culprit}'s console (out/${logsDir}/${culprit}.log):\n${logTail(outDir, culprit)}\n` +
+                  'Next: make ssh NODE=' + culprit + ' and journalctl -b, or make down boot to start over.'),
           );
         }
         await sleep(Math.min(intervalMs, Math.max(0, deadline - Date.now())), undefined, { signal: ctx.signal }).catch(() => undefined);
