@@ -165,7 +165,7 @@ test('the boot-time import script loads out/images into a real containerd under 
       assert.ok(pinned.includes(`${image.name}:${image.tag}`), `${image.name}:${image.tag} imported and pinned`);
       assert.ok(pinned.includes(`${image.name}@${image.digest}`), `${image.name}@digest imported and pinned`);
     }
-    assert.match(result.stdout, `imported and pinned ${listed.length} image names`);
+    assert.match(result.stdout, `imported and pinned ${listed.filter((i) => !i.name.startsWith('sha256:')).length} image names`);
   } finally {
     await containerd.close();
   }
