@@ -30,7 +30,7 @@ help:
 	@echo "make down         stop the nodes (power button, then kill after DOWN_TIMEOUT s)"
 	@echo "make ssh NODE=n   a shell on node n as core"
 	@echo "make deps         install the system tools the stages need (apt-get or dnf)"
-	@echo "make test         type-check and run the tests"
+	@echo "make test         install the tools the tests need (if missing), type-check and run the tests"
 	@echo "make bench        run the benchmarks in bench/"
 	@echo "make clean        remove out/ but the cluster CA (out/pki, out/kubeconfig); keeps cache/"
 	@echo "make clean-pki    remove the cluster CA too: the next build makes a new one"
@@ -70,7 +70,11 @@ deps: $(NPM_STAMP)
 typecheck: $(NPM_STAMP)
 	tsc -p tsconfig.json
 
-test: $(NPM_STAMP) typecheck
+# The tests drive real tools (a registry, skopeo, QEMU, Ignition…): the missing ones are
+# installed first (apt-get or dnf, as root or with sudo), from the list in tasks/tools.ts.
+test: $(NPM_STAMP)
+	@node tasks/cli.ts deps --test --install
+	tsc -p tsconfig.json
 	node test/run.ts
 
 bench: $(NPM_STAMP)
