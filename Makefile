@@ -13,7 +13,7 @@ CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry
 # The stages, as in tasks/stages.ts.
 STAGES := pin fetch images pki disk ignition boot verify
 
-.PHONY: help cluster $(STAGES) bundle unbundle down ssh deps test typecheck bench clean clean-pki distclean
+.PHONY: help cluster $(STAGES) bundle unbundle fsck down ssh deps test typecheck bench clean clean-pki distclean
 
 help:
 	@echo "make cluster      build and boot everything (the stages below but pin, in order; fresh ones are skipped; pin first when there is no lock)"
@@ -27,6 +27,7 @@ help:
 	@echo "make verify       wait (VERIFY_TIMEOUT s) until the cluster is ready, or say what is not"
 	@echo "make bundle       one tar with the lock, cluster.yaml and every cache entry they need (for an air-gapped host)"
 	@echo "make unbundle FILE=f   verify a bundle, then add it to cache/ (FORCE=1 replaces a differing lock/config)"
+	@echo "make fsck         hash every cache entry and output against what names it; FIX=1 moves bad ones aside for the next build"
 	@echo "make down         stop the nodes (power button, then kill after DOWN_TIMEOUT s)"
 	@echo "make ssh NODE=n   a shell on node n as core"
 	@echo "make deps         install the system tools the stages need (apt-get or dnf)"
@@ -57,6 +58,9 @@ bundle: $(NPM_STAMP)
 unbundle: $(NPM_STAMP)
 	@if [ -z "$(FILE)" ]; then echo "usage: make unbundle FILE=path/to/corekube-bundle-NAME.tar [FORCE=1] [DRY_RUN=1]" >&2; exit 2; fi
 	$(CLI) unbundle --file "$(FILE)"
+
+fsck: $(NPM_STAMP)
+	node tasks/cli.ts fsck $(call flag,FIX,--fix)
 
 down: $(NPM_STAMP)
 	node tasks/cli.ts down

@@ -25,6 +25,7 @@ const usage = `usage: node tasks/cli.ts [options] TASK...
        node tasks/cli.ts deps [--install] [--test] [TASK...]   the system tools TASKs (--test: and the tests) need; --install installs them
        node tasks/cli.ts bundle [--file F]   the lock, cluster.yaml and every cache entry they need, as one tar (runs fetch, images first)
        node tasks/cli.ts unbundle --file F   verify, add to cache/, install lock/config where absent (--force replaces, keeps .orig; --dry-run verifies only)
+       node tasks/cli.ts fsck [--fix]     hash every cache entry and out/ output against what names it (--fix: move bad entries to cache/corrupt/, unstamp bad outputs)
        node tasks/cli.ts down             stop the nodes (power button, then kill after DOWN_TIMEOUT s, default 60)
        node tasks/cli.ts ssh NODE [CMD]   a shell (or CMD) on NODE as core
 
@@ -78,6 +79,7 @@ async function main(argv: string[]): Promise<number> {
       force: { type: 'boolean', default: false },
       only: { type: 'boolean', default: false },
       install: { type: 'boolean', default: false },
+      fix: { type: 'boolean', default: false },
       test: { type: 'boolean', default: false },
       jobs: { type: 'string' },
       retries: { type: 'string' },
@@ -114,6 +116,15 @@ async function main(argv: string[]): Promise<number> {
     return (result.status ?? 1) as ExitCode;
   }
 
+  if (positionals[0] === 'fsck') {
+    // fsck reads names and stamps only: no config, no lock (it works on a tree whose lock is gone).
+    const cacheDir = resolve(values.cache ?? (env.CACHE_DIR || resolve(projectRoot, 'cache')));
+    const fsckSettings = { root: projectRoot, outDir, cacheDir, configFile: '', lockFile: '', offline: true, force: false, jobs: 1, http: defaultHttpSettings, interactive: false };
+    const { fsck, formatFsck } = await import('./fsck.ts');
+    const report = await fsck(fsckSettings, { fix: values.fix || truthy(env.FIX) });
+    console.log(formatFsck(report, fsckSettings));
+    return report.bad.every((b) => b.fixed) ? ExitCode.ok : ExitCode.failure;
+  }
   const names = positionals.flatMap((name) => (name === 'cluster' ? buildStages.map((s) => s.name) : [name]));
   const settings: RunSettings = {
     root: projectRoot,

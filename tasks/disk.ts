@@ -7,12 +7,13 @@ import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, readdirSync, readFileSync, statSync, type Stats } from 'node:fs';
 import { copyFile, link, mkdir, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
+import { artifactRepair, blobRepair, CacheMismatchError, hashFile, type CacheProblem } from './cache.ts';
 import { UserError } from './errors.ts';
-import { imagesOutput, manifestFileDigests, manifestsDir } from './images.ts';
+import { imagesOutput, manifestFileDigests, manifestsDir, storeDir } from './images.ts';
 import { storedSha256, type ArtifactKey } from './lock.ts';
 import { sha256Of } from './oci.ts';
 import type { RunContext, Stage } from './stage.ts';
-import { runTool } from './tool.ts';
+import { runTool, ToolError } from './tool.ts';
 
 export const diskOutput = 'image-disk.img';
 export const diskLabel = 'corekube';
@@ -91,7 +92,20 @@ const plainBinaries: { key: ArtifactKey; name: string }[] = [
   { key: 'runc', name: 'runc' },
 ];
 
-/** Lays out the disk's tree in `staging` (hardlinks where it can) and writes MANIFEST.json. */
+/** What a staged file must hash to, and the cache entry it came from. */
+interface Expectation {
+  sha256: string;
+  entry: string;
+  what: string;
+  repair: string;
+}
+
+/**
+ * Lays out the disk's tree in `staging` (hardlinks where it can) and writes MANIFEST.json.
+ * Hashing the tree for MANIFEST.json is also the cache check: every binary must hash to
+ * the lock's sha256 and every image blob to its name, and each tarball is hashed as tar
+ * reads it. One read of every byte; a mismatch stops the build naming the entry.
+ */
 async function stageTree(ctx: RunContext, staging: string): Promise<DiskManifest> {
   const { outDir } = ctx.settings;
   const entry = (key: ArtifactKey) => {
@@ -99,24 +113,72 @@ async function stageTree(ctx: RunContext, staging: string): Promise<DiskManifest
     if (!existsSync(path)) throw new UserError(`${key} is not in the cache (${path}): run make fetch first`);
     return path;
   };
+  const artifact = (key: ArtifactKey): Expectation => ({ sha256: storedSha256(ctx.lock.artifacts[key]), entry: entry(key), what: `${key}, as the lock pins it`, repair: artifactRepair });
+  const expected = new Map<string, Expectation>();
+  const problems: CacheProblem[] = [];
   for (const dir of ['bin', 'cni', 'manifests', 'scripts']) await mkdir(join(staging, dir), { recursive: true });
 
   const images = join(outDir, imagesOutput);
   if (!existsSync(join(images, 'index.json'))) throw new UserError(`${images} has no image layout: run make images first`);
   await linkTree(images, join(staging, 'images'));
-  for (const { key, name } of plainBinaries) await linkOrCopy(entry(key), join(staging, 'bin', name));
-  await runTool('tar', ['-xzf', entry('crictl'), '-C', join(staging, 'bin'), '--no-same-owner']);
+  const blobs = join(staging, 'images', 'blobs', 'sha256');
+  for (const hex of existsSync(blobs) ? await readdir(blobs) : []) {
+    expected.set(`images/blobs/sha256/${hex}`, { sha256: hex, entry: join(storeDir(ctx), 'blobs', 'sha256', hex), what: 'an image blob (its name is its sha256)', repair: blobRepair });
+  }
+  for (const { key, name } of plainBinaries) {
+    await linkOrCopy(entry(key), join(staging, 'bin', name));
+    expected.set(`bin/${name}`, artifact(key));
+  }
+  const untar = async (key: ArtifactKey, dir: string, extra: string[] = []) => {
+    const want = artifact(key);
+    const { sha256, failure } = await extractHashed(want.entry, join(staging, dir), extra, ctx.signal);
+    if (sha256 !== want.sha256) problems.push({ ...want, expected: want.sha256, found: sha256 });
+    else if (failure) throw failure;
+  };
+  await untar('crictl', 'bin');
   // containerd's release tarball holds bin/containerd, bin/ctr, bin/containerd-shim-runc-v2…
-  await runTool('tar', ['-xzf', entry('containerd'), '-C', join(staging, 'bin'), '--no-same-owner', '--strip-components=1']);
-  await runTool('tar', ['-xzf', entry('cni-plugins'), '-C', join(staging, 'cni'), '--no-same-owner']);
+  await untar('containerd', 'bin', ['--strip-components=1']);
+  await untar('cni-plugins', 'cni');
   if (existsSync(manifestsDir(ctx))) {
     for (const file of Object.keys(manifestFileDigests(manifestsDir(ctx)))) await linkOrCopy(join(manifestsDir(ctx), file), join(staging, 'manifests', file));
   }
   if (existsSync(scriptsDir(ctx))) await linkTree(scriptsDir(ctx), join(staging, 'scripts'));
 
   const manifest: DiskManifest = { label: diskLabel, files: await describeTree(staging) };
+  for (const file of manifest.files) {
+    const want = expected.get(file.path);
+    if (want && want.sha256 !== file.sha256) problems.push({ ...want, expected: want.sha256, found: file.sha256 });
+  }
+  if (problems.length > 0) throw new CacheMismatchError(problems);
   await writeFile(join(staging, 'MANIFEST.json'), `${JSON.stringify(manifest, null, 1)}\n`);
   return manifest;
+}
+
+/**
+ * `tar -xz` of a cached tarball, fed through a hash on the way: the sha256 of its bytes
+ * and, where tar failed, why (a tarball whose bytes changed may not even unpack: the
+ * caller reports the mismatch first).
+ */
+function extractHashed(tarball: string, dir: string, extra: string[], signal: AbortSignal): Promise<{ sha256: string; failure?: ToolError }> {
+  return new Promise((resolvePromise, reject) => {
+    const args = ['-xzf', '-', '-C', dir, '--no-same-owner', ...extra];
+    const child = spawn('tar', args, { stdio: ['pipe', 'ignore', 'pipe'], signal });
+    const hash = createHash('sha256');
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (t: string) => (stderr += t));
+    const input = createReadStream(tarball, { highWaterMark: 1 << 20 });
+    input.on('data', (chunk) => hash.update(chunk as Buffer));
+    input.on('error', reject);
+    child.stdin.on('error', () => undefined); // tar stopping early shows in its exit code
+    input.pipe(child.stdin);
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code === 0 && input.readableEnded) return resolvePromise({ sha256: hash.digest('hex') });
+      input.destroy();
+      const failure = new ToolError(`tar ${args.join(' ')} < ${tarball}`, code, stderr);
+      hashFile(tarball).then((sha256) => resolvePromise({ sha256, failure }), reject);
+    });
+  });
 }
 
 async function linkOrCopy(source: string, target: string): Promise<void> {
@@ -160,12 +222,6 @@ async function describeTree(root: string): Promise<ManifestEntry[]> {
   };
   await walk(root);
   return files;
-}
-
-async function hashFile(file: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(file, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
-  return hash.digest('hex');
 }
 
 function formatMiB(bytes: number): string {

@@ -166,7 +166,7 @@ export async function sha256File(path: string): Promise<string> {
   return hash.digest('hex');
 }
 
-async function treeSha256(path: string): Promise<string> {
+export async function treeSha256(path: string): Promise<string> {
   const info = await stat(path);
   if (!info.isDirectory()) return sha256File(path);
   const hash = createHash('sha256');
