@@ -5,6 +5,8 @@ SHELL := /bin/bash
 
 # Node 24 comes from the npm package `node` (a devDependency): node_modules/.bin first.
 export PATH := $(CURDIR)/node_modules/.bin:$(PATH)
+# Node keeps the compiled modules of the CLI here: a no-op run starts in half the time.
+export NODE_COMPILE_CACHE ?= $(CURDIR)/cache/node-compile-cache
 NPM_STAMP := node_modules/.package-lock.json
 
 flag = $(if $(filter-out 0 false,$($(1))),$(2))

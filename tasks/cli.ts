@@ -5,7 +5,6 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { Listr } from 'listr2';
 import { stopCluster } from './boot.ts';
 import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle.ts';
 import { defaultConfigFile, loadConfig } from './config.ts';
@@ -206,6 +205,7 @@ async function runAction(ctx: RunContext, action: 'bundle' | 'unbundle', options
     if (!options.file) throw new UserError('unbundle: expected the bundle to read, found none: make unbundle FILE=path/to/corekube-bundle-NAME.tar (--file)', ExitCode.usage);
     task = unbundleTask(ctx, resolve(options.file), { replace: ctx.settings.force, verifyOnly: options.dryRun });
   }
+  const { Listr } = await import('listr2');
   const plain = options.renderer === 'simple' || (options.renderer === 'auto' && !ctx.settings.interactive);
   await new Listr([task], { renderer: options.renderer === 'silent' ? 'silent' : plain ? 'simple' : 'default', registerSignalListeners: false, rendererOptions: { showErrorMessage: false } }).run();
   return ExitCode.ok;

@@ -5,7 +5,6 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { Listr } from 'listr2';
 import { processAlive } from './cache.ts';
 import { ExitCode, InterruptedError, isAbortError, UserError } from './errors.ts';
 import { RunContext, type RunSettings, type Stage } from './stage.ts';
@@ -301,6 +300,8 @@ export async function runStages(ctx: RunContext, stages: readonly Stage[], optio
     return { ran: [], fresh: entries.map((e) => e.stage.name), failed: [], plan: entries };
   }
 
+  // listr2 loads only when something runs: a no-op run ends above.
+  const { Listr } = await import('listr2');
   const lock = await acquireRunLock(ctx.settings, stages.map((s) => s.name).join(' '));
   const report: RunReport = { ran: [], fresh: [], failed: [], plan: entries };
   const errors: unknown[] = [];
