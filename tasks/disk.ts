@@ -52,21 +52,50 @@ export const diskStage: Stage = {
     const { outDir } = ctx.settings;
     const staging = join(outDir, `.disk-staging.${process.pid}`);
     const image = join(outDir, `.${diskOutput}.${process.pid}`);
+    const manifestFile = join(outDir, `.disk-MANIFEST.${process.pid}.json`);
     await rm(staging, { recursive: true, force: true });
     try {
       task.output = 'staging the tree';
-      const manifest = await stageTree(ctx, staging);
-      task.output = `mkfs.ext4: ${manifest.files.length} files, ${formatMiB(manifest.files.reduce((n, f) => n + f.size, 0))}`;
-      await makeFilesystem(staging, image, diskUuid(ctx.config.name), ctx.signal);
+      const staged = await stageTree(ctx, staging);
+      // mkfs.ext4 copies the tree while this process hashes it (MANIFEST.json and the
+      // cache check): two cores, one read each. MANIFEST.json goes in with the fix-up.
+      task.output = 'mkfs.ext4, hashing the tree';
+      const uuid = diskUuid(ctx.config.name);
+      const [files] = await Promise.all([describeTree(staging), mkfsFromTree(staging, image, uuid, ctx.signal)]);
+      checkStagedBytes(staged, files);
+      const manifest: DiskManifest = { label: diskLabel, files };
+      const manifestText = `${JSON.stringify(manifest, null, 1)}\n`;
+      await writeFile(manifestFile, manifestText);
+      task.output = `fix-up: ${files.length} files, ${formatMiB(files.reduce((n, f) => n + f.size, 0))}`;
+      await finishFilesystem(image, [...(await allPaths(staging)), { path: '/MANIFEST.json', mode: 0o644, dir: false, source: manifestFile }], ctx.signal);
       task.output = 'reading the disk back';
-      await verifyDisk(image, ctx.signal);
+      await verifyDisk(image, ctx.signal, { manifest, text: manifestText });
       await rename(image, join(outDir, diskOutput));
+      // What the stamp records for the disk is what the read-back proved: its label, UUID and
+      // MANIFEST.json, whose every file was just read off the disk and hashed. Hashing the
+      // image's bytes too would read it a third time (fsck reads the disk back instead).
+      return { [diskOutput]: diskDigest(uuid, manifestText) };
     } finally {
       await rm(staging, { recursive: true, force: true });
       await rm(image, { force: true });
+      await rm(manifestFile, { force: true });
     }
   },
 };
+
+/** The digest the stamp records for a disk: of its label, UUID and MANIFEST.json (see run). */
+export function diskDigest(uuid: string, manifestText: string): string {
+  return createHash('sha256').update(`corekube image disk\0${diskLabel}\0${uuid}\0`).update(manifestText).digest('hex');
+}
+
+/** fsck's check of a disk: read it back against its MANIFEST.json, and the digest of what it holds. */
+export async function readDiskDigest(image: string, signal?: AbortSignal): Promise<string> {
+  const stats = await runTool('debugfs', ['-R', 'stats', image], { signal });
+  const uuid = /^Filesystem UUID:\s*(.*)$/m.exec(stats)?.[1]?.trim() ?? '';
+  await verifyDisk(image, signal);
+  const text = await runTool('debugfs', ['-R', 'cat /MANIFEST.json', image], { signal });
+  return diskDigest(uuid, text);
+}
 
 export function scriptsDir(ctx: RunContext): string {
   return join(ctx.settings.root, 'fcc', 'scripts');
@@ -100,13 +129,17 @@ interface Expectation {
   repair: string;
 }
 
+interface Staged {
+  expected: Map<string, Expectation>;
+  problems: CacheProblem[];
+}
+
 /**
- * Lays out the disk's tree in `staging` (hardlinks where it can) and writes MANIFEST.json.
- * Hashing the tree for MANIFEST.json is also the cache check: every binary must hash to
- * the lock's sha256 and every image blob to its name, and each tarball is hashed as tar
- * reads it. One read of every byte; a mismatch stops the build naming the entry.
+ * Lays out the disk's tree in `staging` (hardlinks where it can). What each binary, each
+ * tarball and each image blob must hash to is noted for checkStagedBytes: hashing the
+ * tree for MANIFEST.json is also the cache check (each tarball is hashed as tar reads it).
  */
-async function stageTree(ctx: RunContext, staging: string): Promise<DiskManifest> {
+async function stageTree(ctx: RunContext, staging: string): Promise<Staged> {
   const { outDir } = ctx.settings;
   const entry = (key: ArtifactKey) => {
     const path = ctx.cache.entryPath(storedSha256(ctx.lock.artifacts[key]));
@@ -143,15 +176,16 @@ async function stageTree(ctx: RunContext, staging: string): Promise<DiskManifest
     for (const file of Object.keys(manifestFileDigests(manifestsDir(ctx)))) await linkOrCopy(join(manifestsDir(ctx), file), join(staging, 'manifests', file));
   }
   if (existsSync(scriptsDir(ctx))) await linkTree(scriptsDir(ctx), join(staging, 'scripts'));
+  return { expected, problems };
+}
 
-  const manifest: DiskManifest = { label: diskLabel, files: await describeTree(staging) };
-  for (const file of manifest.files) {
+/** The cache check: every staged file that came from the cache hashed to what names it. */
+function checkStagedBytes({ expected, problems }: Staged, files: readonly ManifestEntry[]): void {
+  for (const file of files) {
     const want = expected.get(file.path);
     if (want && want.sha256 !== file.sha256) problems.push({ ...want, expected: want.sha256, found: file.sha256 });
   }
   if (problems.length > 0) throw new CacheMismatchError(problems);
-  await writeFile(join(staging, 'MANIFEST.json'), `${JSON.stringify(manifest, null, 1)}\n`);
-  return manifest;
 }
 
 /**
@@ -228,9 +262,17 @@ function formatMiB(bytes: number): string {
   return `${(bytes / (1 << 20)).toFixed(1)} MiB`;
 }
 
+interface DiskPath {
+  path: string; // as on the disk: "/bin/kubelet"
+  mode: number;
+  dir: boolean;
+  /** A file the fix-up writes into the filesystem (not in the tree mkfs copied). */
+  source?: string;
+}
+
 /** Every path in the tree, directories included, as it will appear on the disk ("/…"). */
-async function allPaths(root: string): Promise<{ path: string; mode: number; dir: boolean }[]> {
-  const paths: { path: string; mode: number; dir: boolean }[] = [];
+async function allPaths(root: string): Promise<DiskPath[]> {
+  const paths: DiskPath[] = [];
   const walk = async (dir: string) => {
     for (const entry of await readdir(dir, { withFileTypes: true })) {
       const full = join(dir, entry.name);
@@ -249,19 +291,26 @@ function debugfsTime(epoch: number): string {
   return new Date(epoch * 1000).toISOString().replace(/[-:T]/g, '').slice(0, 14);
 }
 
+const fakeTime = { E2FSPROGS_FAKE_TIME: String(diskEpoch) };
+
 /**
  * mkfs.ext4 -d copies the tree; the fix-up pass then sets every inode's times, owner and
  * mode (mkfs copies atime and ctime from the source, which cannot be set there), and
  * resize2fs shrinks the filesystem to its content. All under a fake clock.
  */
 export async function makeFilesystem(staging: string, image: string, uuid: string, signal?: AbortSignal): Promise<void> {
+  await mkfsFromTree(staging, image, uuid, signal);
+  await finishFilesystem(image, await allPaths(staging), signal);
+}
+
+/** mkfs.ext4 -d of the tree, generously sized (resize2fs -M trims it), with room for a few files more. */
+export async function mkfsFromTree(staging: string, image: string, uuid: string, signal?: AbortSignal): Promise<void> {
   const paths = await allPaths(staging);
   let dataBlocks = 0;
   for (const { path, dir } of paths) if (!dir) dataBlocks += Math.ceil(statSync(join(staging, path)).size / blockSize) + 1;
   const inodes = paths.length + 64;
-  // Generous at first (metadata, directories, extent blocks); resize2fs -M trims it.
+  // Generous at first (metadata, directories, extent blocks, MANIFEST.json); resize2fs -M trims it.
   const blocks = Math.ceil(dataBlocks * 1.1) + inodes + 4096;
-  const env = { E2FSPROGS_FAKE_TIME: String(diskEpoch) };
   await rm(image, { force: true });
   await runTool(
     'mkfs.ext4',
@@ -278,10 +327,15 @@ export async function makeFilesystem(staging: string, image: string, uuid: strin
       image,
       String(blocks),
     ],
-    { env, signal },
+    { env: fakeTime, signal },
   );
+}
+
+/** One debugfs session writes the extra files and fixes every inode's times, owner and mode; then resize2fs -M. */
+export async function finishFilesystem(image: string, paths: readonly DiskPath[], signal?: AbortSignal): Promise<void> {
   const time = debugfsTime(diskEpoch);
   const commands: string[] = [];
+  for (const { path, source } of paths) if (source) commands.push(`write "${source}" "${path}"`);
   const fix = (path: string, mode: number, dir: boolean) => {
     const quoted = `"${path}"`;
     for (const field of ['atime', 'ctime', 'mtime', 'crtime']) commands.push(`sif ${quoted} ${field} ${time}`);
@@ -293,32 +347,41 @@ export async function makeFilesystem(staging: string, image: string, uuid: strin
   const commandFile = `${image}.debugfs`;
   await writeFile(commandFile, `${commands.join('\n')}\n`);
   try {
-    const output = await runTool('debugfs', ['-w', '-f', commandFile, image], { env, signal });
-    const complaint = output.split('\n').find((line) => line && !line.startsWith('debugfs:'));
+    const output = await runTool('debugfs', ['-w', '-f', commandFile, image], { env: fakeTime, signal });
+    const complaint = output.split('\n').find((line) => line && !line.startsWith('debugfs:') && !line.startsWith('Allocated inode:'));
     if (complaint) throw new Error(`debugfs fix-up of ${image}: ${complaint}`);
   } finally {
     await rm(commandFile, { force: true });
   }
-  await runTool('resize2fs', ['-M', image], { env, signal });
+  await runTool('resize2fs', ['-M', image], { env: fakeTime, signal });
 }
 
 /**
  * Reads the disk back without mounting: the label, MANIFEST.json, then every file it
- * lists, streamed out of one debugfs and hashed on the way (no copy, one pass).
+ * lists, streamed out of debugfs and hashed on the way (no copy, one pass). Given the
+ * manifest just written, it is one debugfs session: MANIFEST.json is read back as the
+ * first file (it must be those bytes), the label from `stats` after the last.
  */
-export async function verifyDisk(image: string, signal?: AbortSignal): Promise<DiskManifest> {
-  const stats = await runTool('debugfs', ['-R', 'stats', image], { signal });
-  const label = /^Filesystem volume name:\s*(.*)$/m.exec(stats)?.[1]?.trim();
-  if (label !== diskLabel) throw new DiskError(image, `label "${diskLabel}"`, `label "${label ?? ''}"`);
-  const manifestText = await runTool('debugfs', ['-R', 'cat /MANIFEST.json', image], { signal });
+export async function verifyDisk(image: string, signal?: AbortSignal, written?: { manifest: DiskManifest; text: string }): Promise<DiskManifest> {
   let manifest: DiskManifest;
-  try {
-    manifest = JSON.parse(manifestText) as DiskManifest;
-  } catch {
-    throw new DiskError(image, 'a readable /MANIFEST.json', `${manifestText.length} bytes that are not JSON`);
+  let files: ManifestEntry[];
+  if (written) {
+    manifest = written.manifest;
+    const text = Buffer.from(written.text);
+    files = [{ path: 'MANIFEST.json', size: text.length, sha256: createHash('sha256').update(text).digest('hex'), mode: 0o644 }, ...manifest.files];
+  } else {
+    const manifestText = await runTool('debugfs', ['-R', 'cat /MANIFEST.json', image], { signal });
+    try {
+      manifest = JSON.parse(manifestText) as DiskManifest;
+    } catch {
+      throw new DiskError(image, 'a readable /MANIFEST.json', `${manifestText.length} bytes that are not JSON`);
+    }
+    files = manifest.files;
   }
-  const found = await hashFilesOnDisk(image, manifest.files, signal);
-  for (const file of manifest.files) {
+  const { found, tail } = await hashFilesOnDisk(image, files, ['stats'], signal);
+  const label = /^Filesystem volume name:\s*(.*)$/m.exec(tail)?.[1]?.trim();
+  if (label !== diskLabel) throw new DiskError(image, `label "${diskLabel}"`, `label "${label ?? ''}"`);
+  for (const file of files) {
     const actual = found.get(file.path);
     if (!actual) throw new DiskError(image, `/${file.path} (listed in MANIFEST.json)`, 'no such file');
     if (actual.size !== file.size || actual.sha256 !== file.sha256) {
@@ -335,7 +398,12 @@ export class DiskError extends UserError {
 }
 
 /** `debugfs -f` echoes each command as "debugfs: cat /path\n", then the file's bytes follow. */
-function hashFilesOnDisk(image: string, files: ManifestEntry[], signal?: AbortSignal): Promise<Map<string, { size: number; sha256: string }>> {
+function hashFilesOnDisk(
+  image: string,
+  files: ManifestEntry[],
+  after: string[],
+  signal?: AbortSignal,
+): Promise<{ found: Map<string, { size: number; sha256: string }>; tail: string }> {
   return new Promise((resolvePromise, reject) => {
     const child = spawn('debugfs', ['-f', '-', image], { stdio: ['pipe', 'pipe', 'pipe'], signal });
     const results = new Map<string, { size: number; sha256: string }>();
@@ -346,6 +414,7 @@ function hashFilesOnDisk(image: string, files: ManifestEntry[], signal?: AbortSi
     let hash = createHash('sha256');
     let size = 0;
     let problem: string | undefined;
+    const tail: Buffer[] = [];
     const finishFile = () => {
       results.set(files[current]!.path, { size, sha256: hash.digest('hex') });
       current++;
@@ -376,7 +445,8 @@ function hashFilesOnDisk(image: string, files: ManifestEntry[], signal?: AbortSi
         offset += take;
         if (remaining === 0) finishFile();
       }
-      if (offset < chunk.length && !problem) problem = 'debugfs wrote more than the listed files hold';
+      // After the last file: what the trailing commands print.
+      if (offset < chunk.length && !problem) tail.push(chunk.subarray(offset));
     });
     let stderr = '';
     child.stderr.setEncoding('utf8').on('data', (t: string) => (stderr += t));
@@ -387,8 +457,8 @@ function hashFilesOnDisk(image: string, files: ManifestEntry[], signal?: AbortSi
       if (problem) return reject(new DiskError(image, 'every file MANIFEST.json lists, with its size', problem));
       if (code !== 0) return reject(new Error(`debugfs -f - ${image} exited with ${code}: ${stderr.trim()}`));
       if (current < files.length) return reject(new DiskError(image, `/${files[current]!.path}: ${files[current]!.size} bytes`, `${size} bytes`));
-      resolvePromise(results);
+      resolvePromise({ found: results, tail: Buffer.concat(tail).toString('utf8') });
     });
-    child.stdin.end(files.map((f) => `cat "/${f.path}"\n`).join(''));
+    child.stdin.end([...files.map((f) => `cat "/${f.path}"`), ...after].map((c) => `${c}\n`).join(''));
   });
 }

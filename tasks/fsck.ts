@@ -9,6 +9,7 @@ import { readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { hashFile, moveAside } from './cache.ts';
 import { acquireRunLock, readStamp, treeSha256, type Stamp } from './engine.ts';
+import { diskOutput, readDiskDigest } from './disk.ts';
 import { imagesOutput } from './images.ts';
 import { sha256Of } from './oci.ts';
 import type { RunSettings } from './stage.ts';
@@ -119,6 +120,7 @@ async function outputDigests(
     for (const hex of existsSync(blobs) ? (await readdir(blobs)).sort() : []) results.push([join(blobs, hex), hex, await hashOnce(join(blobs, hex))]);
     return results;
   }
+  if (stamp.stage === 'disk' && output === diskOutput) return [[path, recorded, await readDiskDigest(path)]];
   const info = await stat(path);
   return [[path, recorded, info.isDirectory() ? await treeSha256(path) : await hashOnce(path)]];
 }
@@ -131,7 +133,7 @@ export function formatFsck(report: FsckReport, settings: RunSettings): string {
     return fromCache.startsWith('..') ? path : join('cache', fromCache);
   };
   for (const bad of report.bad) {
-    const what = bad.kind === 'cache' ? 'cache entry (named by its sha256)' : `output of ${bad.stage} (sha256 in its stamp)`;
+    const what = bad.kind === 'cache' ? 'cache entry (named by its sha256)' : `output of ${bad.stage} (${bad.stage === 'disk' ? 'its content, read back, against' : 'sha256 in'} its stamp)`;
     lines.push(`DIFFERS ${show(bad.path)}: ${what}\n  expected sha256 ${bad.expected}\n  found    sha256 ${bad.found}${bad.fixed ? `\n  fixed: ${bad.fixed}` : ''}`);
   }
   for (const { path, stage } of report.missing) lines.push(`missing ${path} (an output of ${stage}: the next make ${stage} makes it again)`);
