@@ -18,7 +18,7 @@ STAGES := pin fetch images pki disk ignition boot verify
 .PHONY: help cluster $(STAGES) bundle unbundle fsck down ssh deps test typecheck bench clean clean-pki distclean
 
 help:
-	@echo "make cluster      build and boot everything (the stages below but pin, in order; fresh ones are skipped; pin first when there is no lock)"
+	@echo "make cluster      build and boot everything (the stages below but pin, in order; fresh ones are skipped; pin first when there is no lock; installs missing system tools)"
 	@echo "make pin          resolve cluster.yaml against upstream, write corekube.lock.yaml (online; prints what changed)"
 	@echo "make fetch        download FCOS and the Kubernetes binaries into cache/, verified"
 	@echo "make images       copy the pinned images by digest into one OCI layout (cache/oci, out/images)"
@@ -45,8 +45,11 @@ $(NPM_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund
 	@touch $@
 
+# A first run on a machine without the system tools installs them (exit code 4: missing
+# tools), then goes on; a run that finds them all pays nothing for the check.
 cluster: $(NPM_STAMP)
-	$(CLI) cluster
+	@$(CLI) cluster; rc=$$?; \
+	if [ $$rc -eq 4 ]; then node tasks/cli.ts deps --install cluster && $(CLI) cluster; else exit $$rc; fi
 
 # `make images disk` is one run of the CLI with both tasks (one start-up, one plan),
 # not one per goal: the first stage goal runs them all, the others have nothing to do.
