@@ -217,7 +217,8 @@ async function runAction(ctx: RunContext, action: 'bundle' | 'unbundle', options
  * installs them, saying what; elsewhere one message names them all with the command.
  */
 async function deps(names: string[], install: boolean, tests: boolean): Promise<number> {
-  const selected = names.length > 0 ? selectStages(stages, names) : stages;
+  const expanded = names.flatMap((name) => (name === 'cluster' ? buildStages.map((s) => s.name) : [name]));
+  const selected = expanded.length > 0 ? selectStages(stages, expanded) : stages;
   const wanted = tests ? allTools(true) : (selected.flatMap((s) => s.tools) as ToolName[]);
   const forWhat = tests ? 'the stages and the tests' : selected.map((s) => s.name).join(', ');
   const repair = tests ? 'make test' : 'make deps';
