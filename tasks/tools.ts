@@ -127,7 +127,8 @@ export function hostFamily(osRelease = readOsRelease()): 'debian' | 'fedora' | u
 
 function readOsRelease(): Record<string, string> {
   try {
-    const text = readFileSync('/etc/os-release', 'utf8');
+    // COREKUBE_OS_RELEASE: another os-release file (tests play another distribution with it).
+    const text = readFileSync(process.env.COREKUBE_OS_RELEASE || '/etc/os-release', 'utf8');
     return Object.fromEntries(
       text
         .split('\n')
