@@ -244,7 +244,8 @@ async function deps(names: string[], install: boolean, tests: boolean): Promise<
   console.log(`corekube: ${forWhat} need ${missing.join(', ')}: installing ${packages.join(' ')} (${[...sudo, ...manager].join(' ')})`);
   const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
   const step = (args: string[]) => {
-    const result = spawnSync(args[0]!, args.slice(1), { stdio: 'inherit', env });
+    // The package manager's progress (dpkg's unpacking lines) stays out; its errors show.
+    const result = spawnSync(args[0]!, args.slice(1), { stdio: ['inherit', 'ignore', 'inherit'], env });
     if (result.status !== 0) throw new MissingToolsError(missing, `${forWhat} (\`${args.join(' ')}\` failed)`, repair);
   };
   if (family === 'debian') step([...sudo, 'apt-get', 'update', '-qq']);
