@@ -252,7 +252,7 @@ try {
   rmSync(probe, { force: true });
   report(
     `   (disk stage parts: hashing the tree for MANIFEST.json ${hashTree.toFixed(2)} s, mkfs.ext4 -d + debugfs fix-up + resize2fs ${mkfs.toFixed(2)} s, ` +
-      `debugfs read-back ${verify.toFixed(2)} s, hashing the image for the stamp ${hashImage.toFixed(2)} s)`,
+      `debugfs read-back (hashing every file) ${verify.toFixed(2)} s, hashing the whole image (which the stage no longer does) ${hashImage.toFixed(2)} s)`,
   );
 } finally {
   await treeServer?.close();

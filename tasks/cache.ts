@@ -2,9 +2,9 @@
 // is <hex>. Entries are written under cache/tmp/, verified, made read-only and renamed
 // into place, so an entry is never partial or wrong. Outputs in out/ are hardlinks.
 import { createHash, type Hash } from 'node:crypto';
-import { constants, existsSync } from 'node:fs';
+import { constants, createReadStream, existsSync } from 'node:fs';
 import { chmod, copyFile, link, mkdir, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { UserError } from './errors.ts';
 
 export class ChecksumError extends UserError {
@@ -12,6 +12,53 @@ export class ChecksumError extends UserError {
     super(`${what}: sha256 mismatch\n  expected ${expected}\n  found    ${found}\n${hint}`);
     this.name = 'ChecksumError';
   }
+}
+
+/** A cache entry whose bytes no longer hash to what names them (the lock's sha256, a blob's digest). */
+export interface CacheProblem {
+  entry: string; // its path
+  what: string; // e.g. "kubelet (artifact in the lock)" or "blob of registry.k8s.io/pause:3.10.1"
+  expected: string;
+  found: string;
+  repair: string; // the command that repairs it
+}
+
+export const artifactRepair = 'make fetch FORCE=1 (moves the entry to cache/corrupt/ and downloads it again)';
+export const blobRepair = 'make images FORCE=1 (moves the blob to cache/corrupt/ and copies the image again)';
+
+/** The cache changed after it was stored (a bit flip, a disk error, a hand edit): the stage refuses to use it. */
+export class CacheMismatchError extends UserError {
+  readonly problems: CacheProblem[];
+  constructor(problems: CacheProblem[]) {
+    const lines = problems.map((p) => `  ${p.entry}: ${p.what}\n    expected sha256 ${p.expected}\n    found    sha256 ${p.found}\n    repair: ${p.repair}`);
+    super(
+      `the cache no longer holds the bytes that name ${problems.length === 1 ? 'this entry' : 'these entries'} (changed after it was stored):\n${lines.join('\n')}\n` +
+        'make fsck checks every cache entry and output; make fsck FIX=1 moves the bad ones aside so the next build fetches them again.',
+    );
+    this.name = 'CacheMismatchError';
+    this.problems = problems;
+  }
+}
+
+/** sha256 of a file's bytes, read once. */
+export async function hashFile(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+/**
+ * Moves a bad cache entry to cache/corrupt/ (never deletes it: it is evidence), under a
+ * name that says what it was and when: `20261130T134501Z.sha256.HEX`. Returns the new path.
+ */
+export async function moveAside(cacheDir: string, entry: string, kind: string, now = new Date()): Promise<string> {
+  const dir = join(cacheDir, 'corrupt');
+  await mkdir(dir, { recursive: true });
+  const stampText = now.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
+  let target = join(dir, `${stampText}.${kind}.${basename(entry)}`);
+  for (let n = 2; existsSync(target); n++) target = join(dir, `${stampText}.${kind}.${basename(entry)}.${n}`);
+  await rename(entry, target);
+  return target;
 }
 
 export class Cache {

@@ -5,7 +5,6 @@ import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { Listr } from 'listr2';
 import { stopCluster } from './boot.ts';
 import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle.ts';
 import { defaultConfigFile, loadConfig, targets, type Target } from './config.ts';
@@ -19,14 +18,15 @@ import { RunContext, type RunSettings } from './stage.ts';
 import { dryRunPlan, openstackDown, openstackModes, openstackSshArgs } from './openstack.ts';
 import { pinResults, pinStage } from './pin.ts';
 import { buildStages, stages, stagesFor } from './stages.ts';
-import { hostFamily, installCommands, missingTools, type ToolName } from './tools.ts';
+import { allTools, findOnPath, hostFamily, installCommands, MissingToolsError, missingTools, packagesFor, type ToolName } from './tools.ts';
 
 const projectRoot = resolve(import.meta.dirname, '..');
 
 const usage = `usage: node tasks/cli.ts [options] TASK...
-       node tasks/cli.ts deps [--install] [TASK...]
+       node tasks/cli.ts deps [--install] [--test] [TASK...]   the system tools TASKs (--test: and the tests) need; --install installs them
        node tasks/cli.ts bundle [--file F]   the lock, cluster.yaml and every cache entry they need, as one tar (runs fetch, images first)
        node tasks/cli.ts unbundle --file F   verify, add to cache/, install lock/config where absent (--force replaces, keeps .orig; --dry-run verifies only)
+       node tasks/cli.ts fsck [--fix]     hash every cache entry and out/ output against what names it (--fix: move bad entries to cache/corrupt/, unstamp bad outputs)
        node tasks/cli.ts down             stop the nodes (power button, then kill after DOWN_TIMEOUT s, default 60);
                                           target openstack: delete the servers, ports, volumes, network (images too with --purge)
        node tasks/cli.ts ssh NODE [CMD]   a shell (or CMD) on NODE as core
@@ -83,6 +83,8 @@ async function main(argv: string[]): Promise<number> {
       force: { type: 'boolean', default: false },
       only: { type: 'boolean', default: false },
       install: { type: 'boolean', default: false },
+      fix: { type: 'boolean', default: false },
+      test: { type: 'boolean', default: false },
       jobs: { type: 'string' },
       retries: { type: 'string' },
       'stall-timeout': { type: 'string' },
@@ -105,7 +107,7 @@ async function main(argv: string[]): Promise<number> {
     throw new UserError(`--target (TARGET): expected one of ${targets.join(', ')}, found "${targetText}"`, ExitCode.usage);
   }
   const targetOverride = targetText as Target | undefined;
-  if (positionals[0] === 'deps') return deps(positionals.slice(1), values.install, targetOverride);
+  if (positionals[0] === 'deps') return deps(positionals.slice(1), values.install, values.test, targetOverride ?? targetOf(defaultConfig(values.config ?? env.CONFIG)));
   const outDir = resolve(values.out ?? (env.OUT_DIR || resolve(projectRoot, 'out')));
   if (positionals[0] === 'down' && (targetOverride ?? targetOf(defaultConfig(values.config ?? env.CONFIG))) === 'openstack') {
     const ctx = new RunContext(
@@ -148,6 +150,15 @@ async function main(argv: string[]): Promise<number> {
     return (result.status ?? 1) as ExitCode;
   }
 
+  if (positionals[0] === 'fsck') {
+    // fsck reads names and stamps only: no config, no lock (it works on a tree whose lock is gone).
+    const cacheDir = resolve(values.cache ?? (env.CACHE_DIR || resolve(projectRoot, 'cache')));
+    const fsckSettings = { root: projectRoot, outDir, cacheDir, configFile: '', lockFile: '', offline: true, force: false, jobs: 1, http: defaultHttpSettings, interactive: false };
+    const { fsck, formatFsck } = await import('./fsck.ts');
+    const report = await fsck(fsckSettings, { fix: values.fix || truthy(env.FIX) });
+    console.log(formatFsck(report, fsckSettings));
+    return report.bad.every((b) => b.fixed) ? ExitCode.ok : ExitCode.failure;
+  }
   const names = positionals.flatMap((name) => (name === 'cluster' ? buildStages.map((s) => s.name) : [name]));
   const configFile = defaultConfig(values.config ?? env.CONFIG);
   const target = targetOverride ?? targetOf(configFile);
@@ -245,34 +256,54 @@ async function runAction(ctx: RunContext, action: 'bundle' | 'unbundle', options
     if (!options.file) throw new UserError('unbundle: expected the bundle to read, found none: make unbundle FILE=path/to/corekube-bundle-NAME.tar (--file)', ExitCode.usage);
     task = unbundleTask(ctx, resolve(options.file), { replace: ctx.settings.force, verifyOnly: options.dryRun });
   }
+  const { Listr } = await import('listr2');
   const { renderer, fallback } = listrRenderer(options.renderer);
   await new Listr([task], { renderer, fallbackRenderer: 'simple', fallbackRendererCondition: fallback, registerSignalListeners: false, rendererOptions: { showErrorMessage: false } }).run();
   return ExitCode.ok;
 }
 
-/** `make deps`: names the missing tools for the tasks and, with --install, installs them. */
-async function deps(names: string[], install: boolean, target: Target | undefined): Promise<number> {
+/**
+ * `make deps` (the stages' tools) and `make test` (`--test`: the tests' too): names the
+ * missing tools and, with --install on Debian/Ubuntu or Fedora as root or with sudo,
+ * installs them, saying what; elsewhere one message names them all with the command.
+ */
+async function deps(names: string[], install: boolean, tests: boolean, target: Target | undefined): Promise<number> {
+  const expanded = names.flatMap((name) => (name === 'cluster' ? buildStages.map((s) => s.name) : [name]));
   const all = target ? stagesFor(target) : stages;
-  const selected = names.length > 0 ? selectStages(all, names) : all;
-  const missing = missingTools(selected.flatMap((s) => s.tools) as ToolName[]);
+  const selected = expanded.length > 0 ? selectStages(all, expanded) : all;
+  const wanted = tests ? allTools(true) : (selected.flatMap((s) => s.tools) as ToolName[]);
+  const forWhat = tests ? 'the stages and the tests' : selected.map((s) => s.name).join(', ');
+  const repair = tests ? 'make test' : 'make deps';
+  const missing = missingTools(wanted);
   if (missing.length === 0) {
-    console.log(`corekube: every tool ${selected.map((s) => s.name).join(', ')} needs is installed`);
+    if (!tests) console.log(`corekube: every tool ${forWhat} needs is installed`);
     return ExitCode.ok;
   }
-  const commands = installCommands(missing);
-  const family = hostFamily();
-  if (!install || !family) {
+  if (!install) {
+    const commands = installCommands(missing);
     console.log(`missing: ${missing.join(', ')}\n  Debian/Ubuntu: ${commands.debian}\n  Fedora:        ${commands.fedora}`);
-    if (install) console.log('corekube: this is neither a Debian nor a Fedora family system: install those by hand');
-    return install ? ExitCode.missingTool : ExitCode.ok;
+    return ExitCode.ok;
   }
-  let command = commands[family];
-  if (process.getuid?.() === 0) command = command.replace(/^sudo /, '');
-  console.log(`corekube: installing ${missing.join(', ')}: ${command}`);
-  const { $ } = await import('zx');
-  const words = command.split(' ');
-  if (family === 'debian' && process.getuid?.() === 0) await $({ stdio: 'inherit' })`apt-get update -qq`;
-  await $({ stdio: 'inherit' })`${words}`;
+  const family = hostFamily();
+  const root = process.getuid?.() === 0;
+  const sudo = root ? [] : findOnPath('sudo') ? ['sudo'] : undefined;
+  if (!family || !sudo) {
+    const why = !family ? 'this is neither a Debian/Ubuntu nor a Fedora system' : 'not root, and there is no sudo';
+    throw new MissingToolsError(missing, `${forWhat} (${why}: install them by hand)`, repair);
+  }
+  const packages = packagesFor(missing, family);
+  const manager = family === 'debian' ? ['apt-get', 'install', '-y', '-qq', '--no-install-recommends'] : ['dnf', 'install', '-y', '-q'];
+  console.log(`corekube: ${forWhat} need ${missing.join(', ')}: installing ${packages.join(' ')} (${[...sudo, ...manager].join(' ')})`);
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  const step = (args: string[]) => {
+    // The package manager's progress (dpkg's unpacking lines) stays out; its errors show.
+    const result = spawnSync(args[0]!, args.slice(1), { stdio: ['inherit', 'ignore', 'inherit'], env });
+    if (result.status !== 0) throw new MissingToolsError(missing, `${forWhat} (\`${args.join(' ')}\` failed)`, repair);
+  };
+  if (family === 'debian') step([...sudo, 'apt-get', 'update', '-qq']);
+  step([...sudo, ...manager, ...packages]);
+  const still = missingTools(wanted);
+  if (still.length > 0) throw new MissingToolsError(still, `${forWhat} (still missing after the install)`, repair);
   return ExitCode.ok;
 }
 

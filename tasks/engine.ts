@@ -5,7 +5,6 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { Listr } from 'listr2';
 import { processAlive } from './cache.ts';
 import { ExitCode, InterruptedError, isAbortError, UserError } from './errors.ts';
 import { listrRenderer, type Renderer } from './progress.ts';
@@ -165,7 +164,7 @@ export async function sha256File(path: string): Promise<string> {
   return hash.digest('hex');
 }
 
-async function treeSha256(path: string): Promise<string> {
+export async function treeSha256(path: string): Promise<string> {
   const info = await stat(path);
   if (!info.isDirectory()) return sha256File(path);
   const hash = createHash('sha256');
@@ -293,6 +292,8 @@ export async function runStages(ctx: RunContext, stages: readonly Stage[], optio
     return { ran: [], fresh: entries.map((e) => e.stage.name), failed: [], plan: entries };
   }
 
+  // listr2 loads only when something runs: a no-op run ends above.
+  const { Listr } = await import('listr2');
   const lock = await acquireRunLock(ctx.settings, stages.map((s) => s.name).join(' '));
   const report: RunReport = { ran: [], fresh: [], failed: [], plan: entries };
   const errors: unknown[] = [];

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pLimit from 'p-limit';
-import { ChecksumError, placeLink, removeQuietly, sameFile, sha256Hasher, type Cache } from './cache.ts';
+import { ChecksumError, hashFile, moveAside, placeLink, removeQuietly, sameFile, sha256Hasher, type Cache } from './cache.ts';
 import { BatchedWriter } from './chunks.ts';
 import { mirrorUrl } from './config.ts';
 import { downloadChunks, type DownloadOptions } from './download.ts';
@@ -40,12 +40,29 @@ export const fetchStage: Stage = {
     const { cache, settings } = ctx;
     await cache.removeStaleTemporaries();
     const artifacts = lockedArtifacts(ctx.lock);
+    // The cache proves its bytes before they are used again: an entry that no longer
+    // hashes to the lock's sha256 (a bit flip, a disk error, a hand edit) is moved to
+    // cache/corrupt/ and fetched again.
+    const movedAside = new Map<string, { found: string; to: string }>();
+    const checkLimit = pLimit(settings.jobs);
+    await Promise.all(
+      artifacts.map((artifact) =>
+        checkLimit(async () => {
+          const entry = cache.entryPath(storedSha256(artifact));
+          if (!cache.has(storedSha256(artifact))) return;
+          const found = await hashFile(entry);
+          if (found !== storedSha256(artifact)) movedAside.set(artifact.key, { found, to: await moveAside(cache.dir, entry, 'sha256') });
+        }),
+      ),
+    );
     const missing = artifacts.filter((a) => !cache.has(storedSha256(a)));
-    if (settings.offline && missing.length > 0) throw offlineMissing(missing);
+    if (settings.offline && missing.length > 0) throw offlineMissing(missing, movedAside);
 
     const fetchOne = async (artifact: Artifact, sub: StageTask): Promise<void> => {
+      const bad = movedAside.get(artifact.key);
+      const repaired = bad ? ` (the cached bytes had sha256 ${bad.found}, not the lock's: moved to ${bad.to}, fetched again)` : '';
       if (cache.has(storedSha256(artifact))) {
-        sub.title = `${artifact.key}: in cache`;
+        sub.title = `${artifact.key}: in cache, checked`;
       } else {
         const started = performance.now();
         const meter = progressMeter(settings.interactive, (line) => (sub.output = line));
@@ -56,7 +73,7 @@ export const fetchStage: Stage = {
           onProgress: meter,
           onRetry: (attempt, reason) => (sub.output = `retry ${attempt}/${settings.http.retries}: ${reason}`),
         });
-        sub.title = `${artifact.key}: fetched, ${formatRate(meter.received, performance.now() - started)}`;
+        sub.title = `${artifact.key}: fetched, ${formatRate(meter.received, performance.now() - started)}${repaired}`;
       }
       const target = join(settings.outDir, artifactOutput(artifact));
       const entry = cache.entryPath(storedSha256(artifact));
@@ -92,8 +109,14 @@ export const fetchStage: Stage = {
   },
 };
 
-function offlineMissing(missing: Artifact[]): OfflineError {
-  const list = missing.map((a) => `  ${a.key}: sha256 ${storedSha256(a)}\n    from ${a.url}`).join('\n');
+function offlineMissing(missing: Artifact[], movedAside: ReadonlyMap<string, { found: string; to: string }> = new Map()): OfflineError {
+  const list = missing
+    .map((a) => {
+      const bad = movedAside.get(a.key);
+      const why = bad ? `\n    the cached bytes had sha256 ${bad.found}: moved to ${bad.to}` : '';
+      return `  ${a.key}: sha256 ${storedSha256(a)}${why}\n    from ${a.url}`;
+    })
+    .join('\n');
   return new OfflineError(
     `offline: ${missing.length} artifact${missing.length === 1 ? ' is' : 's are'} not in the cache:\n${list}\n` +
       `Fetch ${missing.length === 1 ? 'it' : 'them'} on a machine with network (make fetch) and carry cache/ across.`,

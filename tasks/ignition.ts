@@ -7,6 +7,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { translateButane } from './butane.ts';
+import { artifactRepair, CacheMismatchError, hashFile } from './cache.ts';
 import type { ClusterConfig, NodeConfig } from './config.ts';
 import { UserError } from './errors.ts';
 import { artifactOutput } from './fetch.ts';
@@ -24,7 +25,7 @@ import {
   stringifyDocuments,
   type NodeFile,
 } from './node-config.ts';
-import type { Lock } from './lock.ts';
+import { storedSha256, type Lock } from './lock.ts';
 import { readPki } from './pki.ts';
 import type { RunContext, Stage } from './stage.ts';
 import { ToolError, indentTail, runTool } from './tool.ts';
@@ -58,6 +59,7 @@ export const ignitionStage: Stage = {
     const { outDir } = ctx.settings;
     const pki = readPki(outDir);
     const compiler = findButane(ctx);
+    await checkPinnedButane(compiler);
     const validator = findOnPath('ignition-validate');
     const overrideFile = join(fccDir(ctx), 'kubeadm.yaml');
     const overrideText = existsSync(overrideFile) ? readFileSync(overrideFile, 'utf8') : undefined;
@@ -147,23 +149,36 @@ export function renderNodeFiles(
   return files;
 }
 
-type Compiler = { kind: 'butane'; path: string; from: string } | { kind: 'builtin' };
+type Compiler = { kind: 'butane'; path: string; from: string; sha256?: string } | { kind: 'builtin' };
 
-/** butane as $BUTANE, on PATH, or the pinned release fetched into out/artifacts; else the built-in translator. */
+/**
+ * butane: $BUTANE (a path, or "builtin"); else the pinned release the lock names, fetched
+ * into out/artifacts (its version is known); else a butane on PATH (whose version is not);
+ * else the built-in translator.
+ */
 export function findButane(ctx: RunContext): Compiler {
   const fromEnv = process.env.BUTANE;
   if (fromEnv === 'builtin') return { kind: 'builtin' };
   if (fromEnv) {
-    if (!existsSync(fromEnv)) throw new UserError(`BUTANE=${fromEnv}: no such file. Unset BUTANE to use butane from PATH, or BUTANE=builtin.`);
+    if (!existsSync(fromEnv)) throw new UserError(`BUTANE=${fromEnv}: no such file. Unset BUTANE to use the pinned butane (or one on PATH), or BUTANE=builtin.`);
     return { kind: 'butane', path: fromEnv, from: '$BUTANE' };
+  }
+  const fetched = join(ctx.settings.outDir, artifactOutput(ctx.lock.artifacts.butane));
+  if (existsSync(fetched) && (readFileSync(fetched).subarray(0, 4).toString('latin1') === '\x7fELF')) {
+    return { kind: 'butane', path: fetched, from: 'the pinned release in out/artifacts', sha256: storedSha256(ctx.lock.artifacts.butane) };
   }
   const onPath = findOnPath('butane');
   if (onPath) return { kind: 'butane', path: onPath, from: 'PATH' };
-  const fetched = join(ctx.settings.outDir, artifactOutput(ctx.lock.artifacts.butane));
-  if (existsSync(fetched) && (readFileSync(fetched).subarray(0, 4).toString('latin1') === '\x7fELF')) {
-    return { kind: 'butane', path: fetched, from: 'the pinned release in out/artifacts' };
-  }
   return { kind: 'builtin' };
+}
+
+/** The pinned butane is a cache entry: its bytes must still be the lock's before it runs. */
+async function checkPinnedButane(compiler: Compiler): Promise<void> {
+  if (compiler.kind !== 'butane' || !compiler.sha256) return;
+  const found = await hashFile(compiler.path);
+  if (found !== compiler.sha256) {
+    throw new CacheMismatchError([{ entry: compiler.path, what: 'butane, as the lock pins it', expected: compiler.sha256, found, repair: artifactRepair }]);
+  }
 }
 
 function describeCompiler(compiler: Compiler): string {

@@ -6,12 +6,12 @@
 // store already has, so skopeo skips them), is checked against the lock, and only then
 // merged: a failed or mismatching copy leaves no ref and no blob behind, and copies can
 // run side by side without racing on one index.json.
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { chmod, link, mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import pLimit from 'p-limit';
 import { parseAllDocuments } from 'yaml';
-import type { Cache } from './cache.ts';
+import { hashFile, moveAside, type Cache } from './cache.ts';
 import { goArch, type Architecture, type ClusterConfig } from './config.ts';
 import { OfflineError, UserError } from './errors.ts';
 import type { ImageRef, Lock } from './lock.ts';
@@ -55,8 +55,10 @@ export const imagesStage: Stage = {
     checkImageCoverage(ctx.lock, readManifestImages(manifestsDir(ctx)));
     const store = storeDir(ctx);
     await ctx.cache.removeStaleTemporaries();
+    const movedAside = await checkStoreBlobs(ctx, store);
     const missing = ctx.lock.images.filter((image) => !layoutHasImage(store, refName(image), image.layoutDigest));
-    if (missing.length > 0 && ctx.settings.offline) throw offlineMissing(missing);
+    if (missing.length > 0 && ctx.settings.offline) throw offlineMissing(missing, movedAside);
+    const repaired = movedAside.length > 0 ? ` (re-copied: ${movedAside.length} blob${movedAside.length === 1 ? '' : 's'} no longer matched ${movedAside.length === 1 ? 'its name' : 'their names'}, moved to cache/corrupt/)` : '';
 
     const limit = pLimit(ctx.settings.jobs);
     const failures: Error[] = [];
@@ -74,7 +76,7 @@ export const imagesStage: Stage = {
               const started = performance.now();
               const staging = await copyToStaging(ctx, image, store, sub);
               await merges.run(() => mergeIntoStore(staging, store, image));
-              sub.title = `${refName(image)}: copied in ${formatSeconds(started)}`;
+              sub.title = `${refName(image)}: copied in ${formatSeconds(started)}${repaired}`;
             } catch (error) {
               failures.push(error as Error);
               throw error;
@@ -93,6 +95,37 @@ export const imagesStage: Stage = {
     return { [imagesOutput]: sha256Of(index).slice('sha256:'.length) };
   },
 };
+
+export interface MovedBlob {
+  digest: string;
+  found: string;
+  to: string;
+}
+
+/**
+ * Hashes every blob the lock's images use in the store against its name (its digest):
+ * one that no longer matches is moved to cache/corrupt/, so the image counts as missing
+ * and is copied again. Each blob is read once, however many images share it.
+ */
+async function checkStoreBlobs(ctx: RunContext, store: string): Promise<MovedBlob[]> {
+  const blobs = new Set<string>();
+  for (const image of ctx.lock.images) {
+    if (!layoutHasImage(store, refName(image), image.layoutDigest)) continue;
+    for (const blob of imageBlobs(store, image.layoutDigest)) blobs.add(blob);
+  }
+  const moved: MovedBlob[] = [];
+  const limit = pLimit(ctx.settings.jobs);
+  await Promise.all(
+    [...blobs].map((digest) =>
+      limit(async () => {
+        const path = blobPath(store, digest);
+        const found = `sha256:${await hashFile(path)}`;
+        if (found !== digest) moved.push({ digest, found, to: await moveAside(ctx.settings.cacheDir, path, 'oci-blob') });
+      }),
+    ),
+  );
+  return moved;
+}
 
 export function storeDir(ctx: RunContext): string {
   return join(ctx.settings.cacheDir, 'oci');
@@ -233,7 +266,7 @@ async function writeOutputLayout(store: string, target: string, images: readonly
     for (const blob of imageBlobs(store, descriptor.digest)) blobs.add(blob);
   }
   const serialized = serializeIndex(index);
-  if (readIfExists(join(target, 'index.json')) === serialized && sameBlobSet(target, blobs)) return serialized;
+  if (readIfExists(join(target, 'index.json')) === serialized && sameBlobSet(target, blobs, store)) return serialized;
 
   const building = join(outDir, `.images.${process.pid}`);
   await rm(building, { recursive: true, force: true });
@@ -253,11 +286,17 @@ async function writeOutputLayout(store: string, target: string, images: readonly
   return serialized;
 }
 
-function sameBlobSet(layout: string, blobs: Set<string>): boolean {
+/** out/images holds exactly these blobs, each still a hardlink of the store's (a re-copied blob is a new file). */
+function sameBlobSet(layout: string, blobs: Set<string>, store: string): boolean {
   const dir = join(layout, 'blobs', 'sha256');
   if (!existsSync(dir)) return blobs.size === 0;
   const present = readdirSync(dir);
-  return present.length === blobs.size && present.every((hex) => blobs.has(`sha256:${hex}`));
+  if (present.length !== blobs.size || !present.every((hex) => blobs.has(`sha256:${hex}`))) return false;
+  return present.every((hex) => {
+    const [a, b] = [statSync(join(dir, hex)), statSync(blobPath(store, `sha256:${hex}`))];
+    // Copies (another filesystem) are judged by size; hardlinks by identity.
+    return (a.ino === b.ino && a.dev === b.dev) || (a.dev !== b.dev && a.size === b.size);
+  });
 }
 
 function readIfExists(file: string): string | undefined {
@@ -284,8 +323,9 @@ class Serial {
   }
 }
 
-function offlineMissing(missing: ImageRef[]): OfflineError {
-  const list = missing.map((image) => `  ${image.text}`).join('\n');
+function offlineMissing(missing: ImageRef[], moved: readonly MovedBlob[] = []): OfflineError {
+  const corrupt = moved.map((m) => `\n  (blob ${m.digest} hashed to ${m.found}: moved to ${m.to})`).join('');
+  const list = missing.map((image) => `  ${image.text}`).join('\n') + corrupt;
   return new OfflineError(
     `offline: ${missing.length} image${missing.length === 1 ? ' is' : 's are'} not in the cache (cache/oci):\n${list}\n` +
       `Copy ${missing.length === 1 ? 'it' : 'them'} on a machine that reaches the registry (make images) and carry cache/ across.`,

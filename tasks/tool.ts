@@ -1,6 +1,5 @@
 // Running the real tools (skopeo, mkfs.ext4, debugfs, tar…) through zx: quiet, cancelled
 // with the run, and a failure that names the command and shows what the tool said.
-import { $, ProcessOutput } from 'zx';
 import { findOnPath, type ToolName } from './tools.ts';
 
 export class ToolError extends Error {
@@ -38,6 +37,8 @@ export interface ToolOptions {
 /** Runs `tool args…` and returns its stdout; throws ToolError with its stderr on failure. */
 export async function runTool(tool: ToolName | 'cp' | 'butane' | 'ignition-validate', args: readonly string[], options: ToolOptions = {}): Promise<string> {
   const binary = options.binary ?? findOnPath(tool) ?? tool;
+  // zx loads on first use: a no-op run never starts a tool and should not pay for it.
+  const { $, ProcessOutput } = await import('zx');
   const shell = $({
     quiet: true,
     ...(options.signal ? { signal: options.signal } : {}),

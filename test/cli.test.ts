@@ -41,6 +41,19 @@ test('deps says so when everything is there', async () => {
   assert.match(result.stdout, /every tool fetch needs is installed/);
 });
 
+test('make test on a system that is neither Debian nor Fedora: one message naming every missing tool and the install commands, exit 4', async () => {
+  const osRelease = join(dir, 'os-release');
+  writeFileSync(osRelease, 'ID=arch\nNAME="Arch Linux"\n');
+  const result = await runCli(['deps', '--test', '--install'], { env: { PATH: bare, COREKUBE_OS_RELEASE: osRelease } });
+  assert.is(result.code, 4, result.stderr);
+  assert.not.match(result.stderr, /\bat \w+ \(|node:internal/, 'no stack trace');
+  for (const tool of ['skopeo', 'docker-registry', 'umoci', 'qemu-img', 'ignition-validate', 'shellcheck']) assert.match(result.stderr, `  ${tool} (`);
+  assert.match(result.stderr, /neither a Debian\/Ubuntu nor a Fedora system/);
+  assert.match(result.stderr, /Debian\/Ubuntu: sudo apt-get install -y .*docker-registry.*skopeo/);
+  assert.match(result.stderr, /Fedora: +sudo dnf install -y .*skopeo/);
+  assert.match(result.stderr, /or run: make test/);
+});
+
 test('install commands are deduplicated and sorted; the host family comes from os-release', () => {
   assert.equal(installCommands(['debugfs', 'mkfs.ext4', 'xz']), {
     debian: 'sudo apt-get install -y e2fsprogs xz-utils',

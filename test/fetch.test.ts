@@ -196,9 +196,8 @@ test('a server without Range support restarts from the beginning, still one pass
 test('a stalled server is given up on after the stall timeout, then retried', async () => {
   const ws = workspace();
   server.setFault(path('crictl'), { kind: 'stall', afterBytes: 1000, times: 1 });
-  const started = Date.now();
   await fetchIn(ws, { http: { retries: 2, stallTimeoutMs: 400, backoffMs: 10 } });
-  assert.ok(Date.now() - started < 10_000, 'the stall did not hang the run');
+  // Given up on and retried: a second request (a hang would hit test/run.ts's per-file timeout).
   assert.is(requestsFor('crictl').length, 2);
   assert.is(sha256(join(ws.outDir, 'artifacts', `crictl-v1.35.0-linux-amd64.tar.gz`)), tree.artifacts.crictl!.sha256);
 });

@@ -2,7 +2,8 @@
 // fixture server, a lock written from the fixture tree's real checksums, and separate
 // out/ and cache/ directories.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { kubeadmImages, readManifestImages } from '../tasks/images.ts';
@@ -185,4 +186,33 @@ export function lockEntry(image: SeededImage, overrides: { digest?: string; layo
   const layoutDigest = overrides.layoutDigest ?? image.storedDigest;
   const ref = `${image.name}:${image.tag}@${digest}`;
   return layoutDigest === digest ? ref : `{image: "${ref}", layoutDigest: "${layoutDigest}"}`;
+}
+
+/**
+ * `count` consecutive ports on 127.0.0.1 that were free a moment ago, for configs that
+ * publish port ranges (hostPorts). Chosen at random below the kernel's ephemeral range
+ * (which port 0 and outgoing connections draw from, so no fixture server or client in a
+ * parallel test lands there), each one bound to check it; a taken block is skipped.
+ */
+export async function freePortBlock(count: number): Promise<number> {
+  const ephemeralLow = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0] ?? 32768);
+  const low = 10_000;
+  const high = Math.max(low + 1000, ephemeralLow) - count;
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const base = low + Math.floor(Math.random() * (high - low));
+    const held: Server[] = [];
+    try {
+      for (let port = base; port < base + count; port++) {
+        const server = createServer();
+        await new Promise<void>((resolve, reject) => server.once('error', reject).listen({ host: '127.0.0.1', port, exclusive: true }, resolve));
+        held.push(server);
+      }
+      return base;
+    } catch {
+      // taken: try another block
+    } finally {
+      await Promise.all(held.map((server) => new Promise((resolve) => server.close(resolve))));
+    }
+  }
+  throw new Error(`no ${count} consecutive free ports on 127.0.0.1 below ${high + count}`);
 }

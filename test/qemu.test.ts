@@ -12,6 +12,7 @@ import { parseLock } from '../tasks/lock.ts';
 import { macAddress } from '../tasks/node-config.ts';
 import { nodePaths, publishedPorts, qemuArgs, socketDir, sshArgs, sshPort } from '../tasks/qemu.ts';
 import { judgeNodes, judgeSystemPods, smokePod } from '../tasks/verify.ts';
+import { freePortBlock } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-qemu-'));
 test.after(() => rmSync(work, { recursive: true, force: true }));
@@ -110,18 +111,20 @@ test('a stand-in OS disk (test-only) takes the FCOS drive line, under -snapshot,
 });
 
 test('a port already taken on 127.0.0.1 is named with the config field that chose it', async () => {
+  // A block of four ports free a moment ago (SSH for cp1, w1, w2; the API server), the
+  // second one then taken here: no guess about what else this machine is running.
+  const base = await freePortBlock(4);
+  const ports = { apiServer: base + 3, sshBase: base };
   const server: Server = createServer();
-  await new Promise<void>((resolve) => server.listen({ host: '127.0.0.1', port: 0 }, resolve));
-  const port = (server.address() as { port: number }).port;
+  await new Promise<void>((resolve) => server.listen({ host: '127.0.0.1', port: base + 1 }, resolve));
   try {
-    const clash = { ...config, hostPorts: { apiServer: 16443, sshBase: port - 1 } };
-    const error = await checkPortsFree(clash).then(() => undefined, (e: Error) => e);
+    const error = await checkPortsFree({ ...config, hostPorts: ports }).then(() => undefined, (e: Error) => e);
     assert.ok(error, 'refused');
-    assert.match(error!.message, new RegExp(`127\\.0\\.0\\.1:${port} \\(SSH to w1, from hostPorts\\.sshBase in .*cluster\\.yaml\\) is already in use`));
-    await checkPortsFree({ ...config, hostPorts: { apiServer: 16443, sshBase: port + 1 } });
+    assert.match(error!.message, new RegExp(`127\\.0\\.0\\.1:${base + 1} \\(SSH to w1, from hostPorts\\.sshBase in .*cluster\\.yaml\\) is already in use`));
   } finally {
-    server.close();
+    await new Promise((resolve) => server.close(resolve));
   }
+  await checkPortsFree({ ...config, hostPorts: ports });
 });
 
 const lock = parseLock('lock', [

@@ -26,6 +26,10 @@ interface FileResult {
   seconds: number;
 }
 
+// A file that hangs fails after this long (tests assert what happened, not how fast it
+// was on this machine: a hang is the only timing failure).
+const fileTimeoutMs = Number(process.env.TEST_FILE_TIMEOUT ?? 900) * 1000;
+
 function runFile(file: string): Promise<FileResult> {
   const started = performance.now();
   return new Promise((resolve) => {
@@ -33,10 +37,16 @@ function runFile(file: string): Promise<FileResult> {
       env: { ...process.env, NO_COLOR: '1', FORCE_COLOR: '0' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
+    const timer = setTimeout(() => {
+      output += `\n${file}: still running after ${fileTimeoutMs / 1000} s (TEST_FILE_TIMEOUT): killed\n`;
+      child.kill('SIGTERM');
+      setTimeout(() => child.kill('SIGKILL'), 5000).unref();
+    }, fileTimeoutMs);
     let output = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => (output += text));
     child.stderr.setEncoding('utf8').on('data', (text: string) => (output += text));
     child.on('close', (code) => {
+      clearTimeout(timer);
       const total = Number(/Total:\s+(\d+)/.exec(output)?.[1] ?? NaN);
       const passed = Number(/Passed:\s+(\d+)/.exec(output)?.[1] ?? 0);
       const skipped = Number(/Skipped:\s+(\d+)/.exec(output)?.[1] ?? 0);

@@ -25,10 +25,13 @@ fi
 # ctr reads the layout as a tar stream on stdin: no copy on the node's disk.
 tar -C "$layout" -cf - oci-layout index.json blobs | "$ctr" -n k8s.io images import -
 
-count=0
-while read -r name; do
-  [ -n "$name" ] || continue
-  "$ctr" -n k8s.io images label "$name" io.cri-containerd.pinned=pinned >/dev/null
-  count=$((count + 1))
-done < <("$ctr" -n k8s.io images ls -q)
-echo "corekube: imported and pinned $count image names"
+# Every name the import made, and the image-ID references (sha256:…) that containerd's
+# CRI plugin adds for them: all pinned, several labels at a time (each ctr call costs).
+mapfile -t names < <("$ctr" -n k8s.io images ls -q)
+if [ "${#names[@]}" -eq 0 ]; then
+  echo "corekube: containerd lists no image after importing $layout (is the layout empty? rebuild it: make images disk)" >&2
+  exit 1
+fi
+printf '%s\n' "${names[@]}" | xargs -r -P 4 -I '{}' "$ctr" -n k8s.io images label '{}' io.cri-containerd.pinned=pinned >/dev/null
+layout_names=$(printf '%s\n' "${names[@]}" | grep -vc '^sha256:' || true)
+echo "corekube: imported and pinned $layout_names image names ($(( ${#names[@]} - layout_names )) image-ID references too)"

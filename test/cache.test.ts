@@ -1,0 +1,140 @@
+// The cache proves its bytes at every use: a cache entry changed after it was stored (a
+// bit flip with its mtime kept, so nothing but its bytes tells) is caught by the disk
+// stage naming entry, expected and found digest and the repair; `fetch --force` and
+// `images --force` move it to cache/corrupt/ and fetch it again; offline names it;
+// `fsck` finds every one and `fsck --fix` lets a plain rebuild repair them.
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { CacheMismatchError } from '../tasks/cache.ts';
+import { diskStage } from '../tasks/disk.ts';
+import { runStages } from '../tasks/engine.ts';
+import { OfflineError } from '../tasks/errors.ts';
+import { fetchStage } from '../tasks/fetch.ts';
+import { imagesStage } from '../tasks/images.ts';
+import { blobPath, findRef, imageBlobs, readIndex } from '../tasks/oci.ts';
+import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
+import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
+import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
+import { fixtureMirrors, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace } from './helpers.ts';
+
+const work = mkdtempSync(join(tmpdir(), 'corekube-cache-'));
+const version = 'v1.35.7';
+let tree: UpstreamTree;
+let server: FixtureServer;
+let registry: RegistryFixture;
+let ws: Workspace;
+
+test.before(loud(async () => {
+  tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
+  server = await startFixtureServer({ root: join(work, 'upstream') });
+  registry = await startRegistry({ images: projectImages(version), work });
+  ws = makeWorkspace(tree, server.url, { registries: fixtureMirrors(registry.host), images: registry.images.map((i) => lockEntry(i)) });
+}));
+
+test.after(async () => {
+  await server?.close();
+  await registry?.close();
+  rmSync(work, { recursive: true, force: true });
+});
+
+const silent = { renderer: 'silent' } as const;
+const sha256 = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
+const entry = (key: string) => join(ws.cacheDir, 'sha256', tree.artifacts[key]!.uncompressedSha256 ?? tree.artifacts[key]!.sha256);
+const store = () => join(ws.cacheDir, 'oci');
+/** The pause image's largest blob in cache/oci (a layer). */
+function layerBlob(): string {
+  const image = registry.images.find((i) => i.name === 'registry.k8s.io/pause')!;
+  const digest = findRef(readIndex(store()), `${image.name}:${image.tag}`)!.digest;
+  const blobs = imageBlobs(store(), digest).map((d) => blobPath(store(), d));
+  return blobs.sort((a, b) => statSync(b).size - statSync(a).size)[0]!;
+}
+
+/** Flips one byte in place, keeping size, inode and mtime: only the bytes tell. */
+function flipByte(file: string, at = 100): void {
+  const before = statSync(file);
+  const fd = openSync(file, 'r+');
+  const one = Buffer.alloc(1);
+  readSync(fd, one, 0, 1, at);
+  one[0] = one[0]! ^ 0x01;
+  writeSync(fd, one, 0, 1, at);
+  closeSync(fd);
+  utimesSync(file, before.atime, before.mtime);
+}
+
+const corrupt = () => readdirSync(join(ws.cacheDir, 'corrupt')).sort();
+
+test('a fresh build, then bit flips in an artifact, a tarball and an image blob: the disk stage refuses them by name', async () => {
+  await runStages(ws.context(), [fetchStage, imagesStage, diskStage], silent);
+  const blob = layerBlob();
+  flipByte(entry('kubelet'));
+  flipByte(entry('containerd'), 1000);
+  flipByte(blob);
+  const error = await runStages(ws.context({ force: true }), [diskStage], silent).then(() => undefined, (e: Error) => e);
+  assert.instance(error, CacheMismatchError);
+  const message = error!.message;
+  const found = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
+  assert.match(message, `${entry('kubelet')}: kubelet, as the lock pins it\n    expected sha256 ${tree.artifacts.kubelet!.sha256}\n    found    sha256 ${found(entry('kubelet'))}\n    repair: make fetch FORCE=1`);
+  assert.match(message, `${entry('containerd')}: containerd, as the lock pins it\n    expected sha256 ${tree.artifacts.containerd!.sha256}`);
+  const hex = blob.split('/').pop()!;
+  assert.match(message, `${blob}: an image blob (its name is its sha256)\n    expected sha256 ${hex}\n    found    sha256 ${found(blob)}\n    repair: make images FORCE=1`);
+  assert.match(message, /make fsck FIX=1/);
+});
+
+test('fsck names every changed cache entry and the outputs that share its bytes, and exits non-zero', async () => {
+  const result = await runCli([...workspaceArgs(ws), 'fsck']);
+  assert.is(result.code, 1, result.stderr);
+  assert.match(result.stdout, `DIFFERS cache/sha256/${tree.artifacts.kubelet!.sha256}: cache entry (named by its sha256)`);
+  assert.match(result.stdout, `DIFFERS cache/sha256/${tree.artifacts.containerd!.sha256}`);
+  assert.match(result.stdout, `DIFFERS cache/oci/blobs/sha256/${layerBlob().split('/').pop()}`);
+  assert.match(result.stdout, /DIFFERS .*out\/artifacts\/kubelet: output of fetch \(sha256 in its stamp\)/);
+  assert.match(result.stdout, /DIFFERS .*out\/artifacts\/containerd-[^:]*: output of fetch/);
+  assert.match(result.stdout, /DIFFERS .*out\/images\/blobs\/sha256\/[0-9a-f]{64}: output of images/);
+  assert.match(result.stdout, /: 6 differ: make fsck FIX=1/);
+  assert.not.ok(existsSync(join(ws.cacheDir, 'corrupt')), 'without --fix nothing moves');
+});
+
+test('offline, fetch moves the bad entry aside and fails naming it', async () => {
+  const error = await runStages(ws.context({ force: true, offline: true }), [fetchStage], silent).then(() => undefined, (e: Error) => e);
+  assert.instance(error, OfflineError);
+  assert.match(error!.message, new RegExp(`kubelet: sha256 ${tree.artifacts.kubelet!.sha256}\\n    the cached bytes had sha256 [0-9a-f]{64}: moved to .*cache/corrupt/\\d{8}T\\d{6}Z\\.sha256\\.${tree.artifacts.kubelet!.sha256}`));
+  assert.match(error!.message, /containerd: sha256/);
+  assert.is(corrupt().length, 2);
+});
+
+test('fetch --force downloads them again; images --force copies the blob again; the disk builds from the pinned bytes', async () => {
+  const report = await runStages(ws.context({ force: true }), [fetchStage], silent);
+  assert.equal(report.ran, ['fetch']);
+  assert.is(sha256(entry('kubelet')), tree.artifacts.kubelet!.sha256);
+  assert.is(sha256(join(ws.outDir, 'artifacts', 'kubelet')), tree.artifacts.kubelet!.sha256, 'out/artifacts links the good entry');
+  const before = registry.requestCount();
+  await runStages(ws.context({ force: true }), [imagesStage], silent);
+  const blob = layerBlob();
+  assert.is(sha256(blob), blob.split('/').pop());
+  assert.ok(registry.requestCount() > before, 'the registry was asked again');
+  assert.is(sha256(join(ws.outDir, 'images', 'blobs', 'sha256', blob.split('/').pop()!)), blob.split('/').pop(), 'out/images links the good blob');
+  assert.is(corrupt().length, 3);
+  assert.ok(corrupt().some((name) => /^\d{8}T\d{6}Z\.oci-blob\.[0-9a-f]{64}$/.test(name)), corrupt().join(' '));
+  await runStages(ws.context({ force: true }), [diskStage], silent);
+  const clean = await runCli([...workspaceArgs(ws), 'fsck']);
+  assert.is(clean.code, 0, clean.stdout);
+  assert.match(clean.stdout, /outputs checked .*: all match/);
+});
+
+test('fsck --fix moves a bad entry aside and unstamps what used it: a plain build repairs it', async () => {
+  flipByte(entry('kubectl'));
+  const fixed = await runCli([...workspaceArgs(ws), 'fsck', '--fix']);
+  assert.is(fixed.code, 0, fixed.stdout + fixed.stderr);
+  assert.match(fixed.stdout, /fixed: moved to corrupt\/\d{8}T\d{6}Z\.sha256\.[0-9a-f]{64} under cache\//);
+  assert.match(fixed.stdout, /fixed: removed the fetch stamp/);
+  const report = await runStages(ws.context(), [fetchStage, imagesStage, diskStage], silent);
+  assert.ok(report.ran.includes('fetch'), report.ran.join(' '));
+  assert.is(sha256(entry('kubectl')), tree.artifacts.kubectl!.sha256);
+  const clean = await runCli([...workspaceArgs(ws), 'fsck']);
+  assert.is(clean.code, 0, clean.stdout);
+});
+
+test.run();
