@@ -275,7 +275,7 @@ async function* checkedChunks(source: Source, signal: AbortSignal): AsyncGenerat
       source.what,
       entry.sha256,
       found,
-      `The cache entry is damaged (disk fault?) and no bundle was written. Delete it (rm -f ${source.file}) and run make fetch images, then make bundle.`,
+      'The cache entry is damaged (disk fault?) and no bundle was written. make fsck FIX=1 moves it aside (to cache/corrupt/); then make fetch images bundle fetches it again and writes the bundle.',
     );
   }
 }

@@ -166,6 +166,7 @@ test('a damaged cache entry stops the bundle, naming the entry; no bundle and no
   assert.instance(error, ChecksumError);
   assert.match(error.message, new RegExp(`cache entry ${kubelet.replace(/[.]/g, '\\.')} \\(artifact kubelet\\)`));
   assert.match(error.message, /no bundle was written/);
+  assert.match(error.message, /make fsck FIX=1/, 'the repair');
   assert.equal(listFiles(out), [], 'neither the bundle nor its temporary file');
 });
 

@@ -92,7 +92,6 @@ test('the real Ignition applies each config: units, masks, drop-ins, files and m
     assert.is(mode(join(etc, 'corekube', 'kubeadm.yaml')), 0o600);
     assert.is(mode(join(etc, 'NetworkManager', 'system-connections', 'corekube-cluster.nmconnection')), 0o600);
     assert.match(readFileSync(join(etc, 'NetworkManager', 'system-connections', 'corekube-cluster.nmconnection'), 'utf8'), new RegExp(`address1=10\\.77\\.0\\.${node === 'cp1' ? 10 : 21}/24,10\\.77\\.0\\.1`));
-    assert.is(readFileSync(join(etc, 'kubernetes', 'pki', 'ca.crt'), 'utf8'), readFileSync(join(ws.outDir, 'pki', 'ca.crt'), 'utf8'));
     const keyFile = join(root, 'var', 'home', 'core', '.ssh', 'authorized_keys.d', 'corekube');
     assert.match(readFileSync(keyFile, 'utf8'), /^ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGNvcmVrdWJldGVzdGtleQ test@corekube/);
     assert.is(mode(keyFile), 0o600);
@@ -103,6 +102,7 @@ test('the real Ignition applies each config: units, masks, drop-ins, files and m
     assert.match(readFileSync(join(etc, 'corekube', 'containerd.toml'), 'utf8'), /sandbox = "registry\.k8s\.io\/pause:3\.10\.1"/);
   }
   const cpEtc = join(roots.cp1!, 'etc');
+  assert.is(readFileSync(join(cpEtc, 'kubernetes', 'pki', 'ca.crt'), 'utf8'), readFileSync(join(ws.outDir, 'pki', 'ca.crt'), 'utf8'));
   assert.is(mode(join(cpEtc, 'kubernetes', 'pki', 'ca.key')), 0o600);
   assert.is(readFileSync(join(cpEtc, 'kubernetes', 'pki', 'ca.key'), 'utf8'), readFileSync(join(ws.outDir, 'pki', 'ca.key'), 'utf8'));
   assert.ok(existsSync(join(cpEtc, 'systemd', 'system', 'corekube-control-plane.service')));
@@ -115,10 +115,11 @@ test('the real Ignition applies each config: units, masks, drop-ins, files and m
   assert.ok(cluster.apiServer.certSANs.includes('127.0.0.1'), 'the host reaches the API server on 127.0.0.1');
 });
 
-test('a worker holds the CA certificate but no CA key and no control-plane unit', () => {
+test('a worker holds neither the CA certificate (kubeadm join refuses an existing one) nor its key, and no control-plane unit', () => {
   const root = roots.w1!;
   const everything = listFiles(root);
-  assert.not.ok(everything.some((f) => f.endsWith('ca.key')), everything.filter((f) => f.includes('pki')).join(', '));
+  assert.not.ok(everything.some((f) => f.endsWith('ca.key') || f.endsWith('ca.crt')), everything.filter((f) => f.includes('pki')).join(', '));
+  assert.not.ok(existsSync(join(root, 'etc', 'kubernetes', 'pki')), 'kubeadm join creates /etc/kubernetes/pki itself');
   assert.not.ok(readFileSync(join(ws.outDir, 'ignition', 'w1.ign'), 'utf8').includes('PRIVATE KEY'));
   assert.not.ok(listFiles(join(ws.outDir, 'files', 'w1')).includes('ca.key'));
   assert.ok(existsSync(join(root, 'etc', 'systemd', 'system', 'corekube-join.service')));
@@ -167,7 +168,7 @@ test('the boot-time import script loads out/images into a real containerd under 
       assert.ok(pinned.includes(`${image.name}:${image.tag}`), `${image.name}:${image.tag} imported and pinned`);
       assert.ok(pinned.includes(`${image.name}@${image.digest}`), `${image.name}@digest imported and pinned`);
     }
-    assert.match(result.stdout, `imported and pinned ${listed.length} image names`);
+    assert.match(result.stdout, `imported and pinned ${listed.filter((i) => !i.name.startsWith('sha256:')).length} image names`);
   } finally {
     await containerd.close();
   }
@@ -226,10 +227,13 @@ test('a kubeadm override that only adds settings is merged', async () => {
   });
   const merged = workspace();
   await build(merged, { root });
-  const docs = parseAllDocuments(readFileSync(join(merged.outDir, 'files', 'w1', 'kubeadm.yaml'), 'utf8')).map((d) => d.toJS());
+  // kubeadm init uploads the kubelet's configuration for the whole cluster; join ignores any in its file.
+  const docs = parseAllDocuments(readFileSync(join(merged.outDir, 'files', 'cp1', 'kubeadm.yaml'), 'utf8')).map((d) => d.toJS());
   const kubelet = docs.find((d) => d.kind === 'KubeletConfiguration');
   assert.is(kubelet.maxPods, 50);
   assert.is(kubelet.cgroupDriver, 'systemd');
+  const workerDocs = parseAllDocuments(readFileSync(join(merged.outDir, 'files', 'w1', 'kubeadm.yaml'), 'utf8')).map((d) => d.toJS());
+  assert.equal(workerDocs.map((d) => d.kind), ['JoinConfiguration']);
 });
 
 test('a node IP clash and a missing SSH key file are config errors; nothing is written', async () => {
