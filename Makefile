@@ -80,7 +80,7 @@ typecheck: $(NPM_STAMP)
 	tsc -p tsconfig.json
 
 # The tests drive real tools (a registry, skopeo, QEMU, Ignition…): the missing ones are
-# installed first (apt-get or dnf, as root or with sudo), from the list in tasks/tools.ts.
+# installed first (apt-get or dnf, as root or with sudo), from the list in tasks/lib/run/tools.ts.
 test: $(NPM_STAMP)
 	@node tasks/cli.ts deps --test --install
 	tsc -p tsconfig.json

@@ -16,7 +16,7 @@ import { createServer, type Server } from 'node:net';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { processRunning, runningQemu, stopCluster } from '../tasks/boot.ts';
-import { runStages, selectStages } from '../tasks/engine.ts';
+import { runStages, selectStages } from '../tasks/lib/run/engine.ts';
 import { stages } from '../tasks/stages.ts';
 import { buildAppliance, consoleLog, readDone, standInEnv } from '../test/fixtures/appliance.ts';
 import { startFixtureServer, type FixtureServer } from '../test/fixtures/http-server.ts';

@@ -12,10 +12,10 @@ import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, mkdtempSync, openSync, rmSync, statSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Cache } from '../tasks/cache.ts';
-import { downloadChunks, defaultHttpSettings } from '../tasks/download.ts';
+import { Cache } from '../tasks/lib/store/cache.ts';
+import { downloadChunks, defaultHttpSettings } from '../tasks/lib/store/download.ts';
 import { downloadToCache, writeXzDecompressed } from '../tasks/fetch.ts';
-import type { Artifact } from '../tasks/lock.ts';
+import type { Artifact } from '../tasks/lib/inputs/lock.ts';
 import { spawn } from 'node:child_process';
 import { startFixtureServer } from '../test/fixtures/http-server.ts';
 

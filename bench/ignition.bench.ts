@@ -17,11 +17,11 @@ import { appendFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { runStages, type Stamp } from '../tasks/engine.ts';
+import { runStages, type Stamp } from '../tasks/lib/run/engine.ts';
 import { ignitionStage } from '../tasks/ignition.ts';
 import { pkiStage } from '../tasks/pki.ts';
 import { stages } from '../tasks/stages.ts';
-import { findOnPath } from '../tasks/tools.ts';
+import { findOnPath } from '../tasks/lib/run/tools.ts';
 import { startRegistry } from '../test/fixtures/registry.ts';
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
 import { cliPath, fixtureMirrors, lockEntry, makeWorkspace, projectImages, projectRoot, workspaceArgs, type Workspace } from '../test/helpers.ts';

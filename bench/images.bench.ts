@@ -22,7 +22,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { diskUuid, makeFilesystem, verifyDisk } from '../tasks/disk.ts';
-import { blobPath, imageBlobs, readIndex } from '../tasks/oci.ts';
+import { blobPath, imageBlobs, readIndex } from '../tasks/lib/store/oci.ts';
 import { startContainerd } from '../test/fixtures/containerd.ts';
 import { startFixtureServer, type FixtureServer } from '../test/fixtures/http-server.ts';
 import { startRegistry, type ImageSpec, type RegistryFixture } from '../test/fixtures/registry.ts';

@@ -19,7 +19,7 @@ import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { stopCluster } from '../tasks/boot.ts';
-import { runStages, selectStages } from '../tasks/engine.ts';
+import { runStages, selectStages } from '../tasks/lib/run/engine.ts';
 import { stages } from '../tasks/stages.ts';
 import { consoleLog } from '../test/fixtures/appliance.ts';
 import { startFixtureServer, type FixtureServer } from '../test/fixtures/http-server.ts';

@@ -5,14 +5,14 @@ import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { createConnection, createServer } from 'node:net';
 import { join } from 'node:path';
-import type { ClusterConfig, NodeConfig } from './config.ts';
-import { UserError } from './errors.ts';
+import type { ClusterConfig, NodeConfig } from './lib/inputs/config.ts';
+import { UserError } from './lib/errors.ts';
 import { artifactOutput } from './fetch.ts';
 import { diskOutput } from './disk.ts';
 import { ignitionDir } from './ignition.ts';
-import { bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './qemu.ts';
-import type { RunContext, Stage } from './stage.ts';
-import { indentTail, runTool, ToolError } from './tool.ts';
+import { bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './lib/node/qemu.ts';
+import type { RunContext, Stage } from './lib/run/stage.ts';
+import { indentTail, runTool, ToolError } from './lib/run/tool.ts';
 
 export const switchPidFile = join(runDir, 'switch.pid');
 

@@ -7,18 +7,18 @@ import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { stopCluster } from './boot.ts';
 import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle.ts';
-import { defaultConfigFile, loadConfig, targets, type Target } from './config.ts';
-import { defaultHttpSettings } from './download.ts';
-import { formatPlan, runStages, selectStages } from './engine.ts';
-import { ExitCode, InterruptedError, UserError } from './errors.ts';
-import { defaultLockFile } from './lock.ts';
-import { listrRenderer, type Renderer } from './progress.ts';
-import { sshArgs } from './qemu.ts';
-import { RunContext, type RunSettings } from './stage.ts';
+import { defaultConfigFile, loadConfig, targets, type Target } from './lib/inputs/config.ts';
+import { defaultHttpSettings } from './lib/store/download.ts';
+import { formatPlan, runStages, selectStages } from './lib/run/engine.ts';
+import { ExitCode, InterruptedError, UserError } from './lib/errors.ts';
+import { defaultLockFile } from './lib/inputs/lock.ts';
+import { listrRenderer, type Renderer } from './lib/run/progress.ts';
+import { sshArgs } from './lib/node/qemu.ts';
+import { RunContext, type RunSettings } from './lib/run/stage.ts';
 import { dryRunPlan, openstackDown, openstackModes, openstackSshArgs } from './openstack.ts';
 import { pinResults, pinStage } from './pin.ts';
 import { buildStages, stages, stagesFor } from './stages.ts';
-import { allTools, findOnPath, hostFamily, installCommands, MissingToolsError, missingTools, packagesFor, type ToolName } from './tools.ts';
+import { allTools, findOnPath, hostFamily, installCommands, MissingToolsError, missingTools, packagesFor, type ToolName } from './lib/run/tools.ts';
 
 const projectRoot = resolve(import.meta.dirname, '..');
 

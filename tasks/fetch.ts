@@ -7,14 +7,14 @@ import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pLimit from 'p-limit';
-import { ChecksumError, hashFile, moveAside, placeLink, removeQuietly, sameFile, sha256Hasher, type Cache } from './cache.ts';
-import { BatchedWriter } from './chunks.ts';
-import { mirrorUrl } from './config.ts';
-import { downloadChunks, type DownloadOptions } from './download.ts';
-import { OfflineError, UserError } from './errors.ts';
-import { artifactFileName, isXz, lockedArtifacts, storedSha256, type Artifact } from './lock.ts';
-import { formatRate, progressMeter } from './progress.ts';
-import type { Stage, StageTask } from './stage.ts';
+import { ChecksumError, hashFile, moveAside, placeLink, removeQuietly, sameFile, sha256Hasher, type Cache } from './lib/store/cache.ts';
+import { BatchedWriter } from './lib/store/chunks.ts';
+import { mirrorUrl } from './lib/inputs/config.ts';
+import { downloadChunks, type DownloadOptions } from './lib/store/download.ts';
+import { OfflineError, UserError } from './lib/errors.ts';
+import { artifactFileName, isXz, lockedArtifacts, storedSha256, type Artifact } from './lib/inputs/lock.ts';
+import { formatRate, progressMeter } from './lib/run/progress.ts';
+import type { Stage, StageTask } from './lib/run/stage.ts';
 
 export const artifactsDir = 'artifacts';
 

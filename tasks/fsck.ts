@@ -7,12 +7,12 @@
 import { existsSync } from 'node:fs';
 import { readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join, relative } from 'node:path';
-import { hashFile, moveAside } from './cache.ts';
-import { acquireRunLock, readStamp, treeSha256, type Stamp } from './engine.ts';
+import { hashFile, moveAside } from './lib/store/cache.ts';
+import { acquireRunLock, readStamp, treeSha256, type Stamp } from './lib/run/engine.ts';
 import { diskOutput, readDiskDigest } from './disk.ts';
 import { imagesOutput } from './images.ts';
-import { sha256Of } from './oci.ts';
-import type { RunSettings } from './stage.ts';
+import { sha256Of } from './lib/store/oci.ts';
+import type { RunSettings } from './lib/run/stage.ts';
 
 export interface FsckFinding {
   path: string;

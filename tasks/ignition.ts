@@ -6,10 +6,10 @@ import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { translateButane } from './butane.ts';
-import { artifactRepair, CacheMismatchError, hashFile } from './cache.ts';
-import type { ClusterConfig, NodeConfig } from './config.ts';
-import { UserError } from './errors.ts';
+import { translateButane } from './lib/butane/butane.ts';
+import { artifactRepair, CacheMismatchError, hashFile } from './lib/store/cache.ts';
+import type { ClusterConfig, NodeConfig } from './lib/inputs/config.ts';
+import { UserError } from './lib/errors.ts';
 import { artifactOutput } from './fetch.ts';
 import {
   applyKubeadmOverrides,
@@ -24,12 +24,12 @@ import {
   renderSelinuxConfig,
   stringifyDocuments,
   type NodeFile,
-} from './node-config.ts';
-import { storedSha256, type Lock } from './lock.ts';
+} from './lib/node/node-config.ts';
+import { storedSha256, type Lock } from './lib/inputs/lock.ts';
 import { readPki } from './pki.ts';
-import type { RunContext, Stage } from './stage.ts';
-import { ToolError, indentTail, runTool } from './tool.ts';
-import { findOnPath } from './tools.ts';
+import type { RunContext, Stage } from './lib/run/stage.ts';
+import { ToolError, indentTail, runTool } from './lib/run/tool.ts';
+import { findOnPath } from './lib/run/tools.ts';
 
 export const filesDir = 'files';
 export const ignitionDir = 'ignition';

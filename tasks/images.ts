@@ -11,10 +11,10 @@ import { chmod, link, mkdir, readdir, rename, rm, writeFile } from 'node:fs/prom
 import { join, relative } from 'node:path';
 import pLimit from 'p-limit';
 import { parseAllDocuments } from 'yaml';
-import { hashFile, moveAside, type Cache } from './cache.ts';
-import { goArch, type Architecture, type ClusterConfig } from './config.ts';
-import { OfflineError, UserError } from './errors.ts';
-import type { ImageRef, Lock } from './lock.ts';
+import { hashFile, moveAside, type Cache } from './lib/store/cache.ts';
+import { goArch, type Architecture, type ClusterConfig } from './lib/inputs/config.ts';
+import { OfflineError, UserError } from './lib/errors.ts';
+import type { ImageRef, Lock } from './lib/inputs/lock.ts';
 import {
   blobPath,
   findRef,
@@ -29,10 +29,10 @@ import {
   splitName,
   withRef,
   type OciIndex,
-} from './oci.ts';
-import { formatSeconds } from './progress.ts';
-import type { RunContext, Stage, StageTask } from './stage.ts';
-import { ToolError, indentTail, runTool } from './tool.ts';
+} from './lib/store/oci.ts';
+import { formatSeconds } from './lib/run/progress.ts';
+import type { RunContext, Stage, StageTask } from './lib/run/stage.ts';
+import { ToolError, indentTail, runTool } from './lib/run/tool.ts';
 
 export const imagesOutput = 'images';
 

@@ -27,14 +27,14 @@ import { createReadStream, existsSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pLimit from 'p-limit';
-import type { ClusterConfig, NodeConfig, OpenstackConfig } from './config.ts';
+import type { ClusterConfig, NodeConfig, OpenstackConfig } from './lib/inputs/config.ts';
 import { diskOutput } from './disk.ts';
-import { ExitCode, UserError } from './errors.ts';
+import { ExitCode, UserError } from './lib/errors.ts';
 import { artifactOutput } from './fetch.ts';
 import { ignitionDir } from './ignition.ts';
-import type { Lock } from './lock.ts';
-import { clusterGateway, controlPlane, macAddress } from './node-config.ts';
-import type { RunContext, Stage } from './stage.ts';
+import type { Lock } from './lib/inputs/lock.ts';
+import { clusterGateway, controlPlane, macAddress } from './lib/node/node-config.ts';
+import type { RunContext, Stage } from './lib/run/stage.ts';
 
 /** Nova refuses user data longer than this many bytes once base64-encoded. */
 export const userDataLimit = 65535;

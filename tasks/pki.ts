@@ -10,10 +10,10 @@ import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
-import type { ClusterConfig } from './config.ts';
-import { UserError } from './errors.ts';
-import type { RunContext, Stage } from './stage.ts';
-import { runTool } from './tool.ts';
+import type { ClusterConfig } from './lib/inputs/config.ts';
+import { UserError } from './lib/errors.ts';
+import type { RunContext, Stage } from './lib/run/stage.ts';
+import { runTool } from './lib/run/tool.ts';
 
 export const pkiDir = 'pki';
 export const kubeconfigOutput = 'kubeconfig';

@@ -3,13 +3,13 @@
 import { bootStage } from './boot.ts';
 import { diskStage } from './disk.ts';
 import { fetchStage } from './fetch.ts';
-import type { Target } from './config.ts';
+import type { Target } from './lib/inputs/config.ts';
 import { ignitionStage } from './ignition.ts';
 import { imagesStage } from './images.ts';
 import { openstackBootStage } from './openstack.ts';
 import { pinStage } from './pin.ts';
 import { pkiStage } from './pki.ts';
-import type { Stage } from './stage.ts';
+import type { Stage } from './lib/run/stage.ts';
 import { verifyStage } from './verify.ts';
 
 export const stages: readonly Stage[] = [pinStage, fetchStage, imagesStage, pkiStage, diskStage, ignitionStage, bootStage, verifyStage];

@@ -6,13 +6,13 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { ClusterConfig } from './config.ts';
-import { UserError } from './errors.ts';
-import type { Lock } from './lock.ts';
-import { sandboxImage } from './node-config.ts';
+import type { ClusterConfig } from './lib/inputs/config.ts';
+import { UserError } from './lib/errors.ts';
+import type { Lock } from './lib/inputs/lock.ts';
+import { sandboxImage } from './lib/node/node-config.ts';
 import { apiServerUrl, pkiDir } from './pki.ts';
-import { bootTimeFile, logsDir } from './qemu.ts';
-import type { RunContext, Stage } from './stage.ts';
+import { bootTimeFile, logsDir } from './lib/node/qemu.ts';
+import type { RunContext, Stage } from './lib/run/stage.ts';
 
 export const defaultVerifyTimeoutSeconds = 1200;
 

@@ -7,8 +7,8 @@ import { join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { goJson, makeDataUrl, percentEscape, translateButane } from '../tasks/butane.ts';
-import { InputError } from '../tasks/errors.ts';
+import { goJson, makeDataUrl, percentEscape, translateButane } from '../tasks/lib/butane/butane.ts';
+import { InputError } from '../tasks/lib/errors.ts';
 import { projectRoot } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-butane-'));

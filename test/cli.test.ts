@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { hostFamily, installCommands, missingTools } from '../tasks/tools.ts';
+import { hostFamily, installCommands, missingTools } from '../tasks/lib/run/tools.ts';
 import { runCli } from './helpers.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'corekube-cli-'));

@@ -3,9 +3,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { loadConfig, mirrorUrl, parseConfig } from '../tasks/config.ts';
-import { InputError, UserError } from '../tasks/errors.ts';
-import { parseCidr, parseIPv4 } from '../tasks/net.ts';
+import { loadConfig, mirrorUrl, parseConfig } from '../tasks/lib/inputs/config.ts';
+import { InputError, UserError } from '../tasks/lib/errors.ts';
+import { parseCidr, parseIPv4 } from '../tasks/lib/inputs/net.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'corekube-config-'));
 const keyFile = join(dir, 'id.pub');

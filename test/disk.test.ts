@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { diskLabel, diskStage, verifyDisk, type DiskManifest } from '../tasks/disk.ts';
-import { runStages } from '../tasks/engine.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
 import { fetchStage } from '../tasks/fetch.ts';
 import { imagesStage } from '../tasks/images.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';

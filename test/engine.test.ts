@@ -5,10 +5,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { acquireRunLock, judge, plan, readStamp, runStages, selectStages, type Stamp } from '../tasks/engine.ts';
-import { UserError } from '../tasks/errors.ts';
-import { RunContext, type RunSettings, type Stage } from '../tasks/stage.ts';
-import { MissingToolsError } from '../tasks/tools.ts';
+import { acquireRunLock, judge, plan, readStamp, runStages, selectStages, type Stamp } from '../tasks/lib/run/engine.ts';
+import { UserError } from '../tasks/lib/errors.ts';
+import { RunContext, type RunSettings, type Stage } from '../tasks/lib/run/stage.ts';
+import { MissingToolsError } from '../tasks/lib/run/tools.ts';
 
 function settings(dir: string, overrides: Partial<RunSettings> = {}): RunSettings {
   return {

@@ -7,9 +7,9 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { kubeadmImages, readManifestImages } from '../tasks/images.ts';
-import { artifactKeys } from '../tasks/lock.ts';
-import { parseReference } from '../tasks/oci.ts';
-import { RunContext, type RunSettings } from '../tasks/stage.ts';
+import { artifactKeys } from '../tasks/lib/inputs/lock.ts';
+import { parseReference } from '../tasks/lib/store/oci.ts';
+import { RunContext, type RunSettings } from '../tasks/lib/run/stage.ts';
 import type { SeededImage } from './fixtures/registry.ts';
 import type { UpstreamTree } from './fixtures/upstream.ts';
 

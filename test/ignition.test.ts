@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { parseAllDocuments } from 'yaml';
-import { runStages } from '../tasks/engine.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
 import { ignitionStage } from '../tasks/ignition.ts';
 import { imagesStage } from '../tasks/images.ts';
 import { pkiStage } from '../tasks/pki.ts';

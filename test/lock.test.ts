@@ -3,9 +3,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { parseConfig } from '../tasks/config.ts';
-import { InputError, UserError } from '../tasks/errors.ts';
-import { artifactFileName, artifactKeys, checkLockMatchesConfig, loadLock, parseImageRef, parseLock, storedSha256 } from '../tasks/lock.ts';
+import { parseConfig } from '../tasks/lib/inputs/config.ts';
+import { InputError, UserError } from '../tasks/lib/errors.ts';
+import { artifactFileName, artifactKeys, checkLockMatchesConfig, loadLock, parseImageRef, parseLock, storedSha256 } from '../tasks/lib/inputs/lock.ts';
 
 const a = 'a'.repeat(64);
 const b = 'b'.repeat(64);

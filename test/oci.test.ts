@@ -4,8 +4,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { diskMode, diskUuid } from '../tasks/disk.ts';
 import { checkImageCoverage, kubeadmImages, refsOf } from '../tasks/images.ts';
-import { parseLock, type Lock } from '../tasks/lock.ts';
-import { imagesInDocument, parseReference, serializeIndex, withRef, type Descriptor } from '../tasks/oci.ts';
+import { parseLock, type Lock } from '../tasks/lib/inputs/lock.ts';
+import { imagesInDocument, parseReference, serializeIndex, withRef, type Descriptor } from '../tasks/lib/store/oci.ts';
 
 const digestA = `sha256:${'a'.repeat(64)}`;
 const digestB = `sha256:${'b'.repeat(64)}`;

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { parseCidr } from '../tasks/net.ts';
+import { parseCidr } from '../tasks/lib/inputs/net.ts';
 import { checkUserData, emptyObserved, formatCall, openstackSshArgs, planDown, planUp, userDataLimit, type Desired, type Observed } from '../tasks/openstack.ts';
 
 const dir = mkdtempSync(join(tmpdir(), 'corekube-osplan-'));

@@ -11,10 +11,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { runStages } from '../tasks/engine.ts';
-import { macAddress } from '../tasks/node-config.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
+import { macAddress } from '../tasks/lib/node/node-config.ts';
 import { openstackBootStage, openstackModes, planUp, emptyObserved, desiredResources, type UpMode } from '../tasks/openstack.ts';
-import { RunContext, type RunSettings } from '../tasks/stage.ts';
+import { RunContext, type RunSettings } from '../tasks/lib/run/stage.ts';
 import { cloudAvailable, startCloud, type Cloud } from './fixtures/openstack.ts';
 import { cliPath, loud, projectRoot, runCli } from './helpers.ts';
 

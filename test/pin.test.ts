@@ -8,13 +8,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { ChecksumError } from '../tasks/cache.ts';
-import { runStages } from '../tasks/engine.ts';
-import { OfflineError, UserError } from '../tasks/errors.ts';
+import { ChecksumError } from '../tasks/lib/store/cache.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
+import { OfflineError, UserError } from '../tasks/lib/errors.ts';
 import { fetchStage } from '../tasks/fetch.ts';
 import { imagesStage } from '../tasks/images.ts';
-import { artifactKeys, parseLock, type Lock } from '../tasks/lock.ts';
-import { parseFcosRelease, parseFcosReleaseIndex } from '../tasks/upstream.ts';
+import { artifactKeys, parseLock, type Lock } from '../tasks/lib/inputs/lock.ts';
+import { parseFcosRelease, parseFcosReleaseIndex } from '../tasks/lib/inputs/upstream.ts';
 import {
   artifactSources,
   diffLocks,
@@ -30,8 +30,8 @@ import {
   wantedImages,
   type PinResult,
 } from '../tasks/pin.ts';
-import { findRef, readIndex } from '../tasks/oci.ts';
-import { parseFcosStream } from '../tasks/upstream.ts';
+import { findRef, readIndex } from '../tasks/lib/store/oci.ts';
+import { parseFcosStream } from '../tasks/lib/inputs/upstream.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';

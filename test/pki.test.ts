@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { parse } from 'yaml';
-import { runStages } from '../tasks/engine.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
 import { adminGroup, pkiStage } from '../tasks/pki.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
 import { loud, makeWorkspace, projectRoot, type Workspace } from './helpers.ts';

@@ -7,10 +7,10 @@ import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { checkPortsFree, standInFromEnv } from '../tasks/boot.ts';
-import { loadConfig } from '../tasks/config.ts';
-import { parseLock } from '../tasks/lock.ts';
-import { macAddress } from '../tasks/node-config.ts';
-import { nodePaths, publishedPorts, qemuArgs, socketDir, sshArgs, sshPort } from '../tasks/qemu.ts';
+import { loadConfig } from '../tasks/lib/inputs/config.ts';
+import { parseLock } from '../tasks/lib/inputs/lock.ts';
+import { macAddress } from '../tasks/lib/node/node-config.ts';
+import { nodePaths, publishedPorts, qemuArgs, socketDir, sshArgs, sshPort } from '../tasks/lib/node/qemu.ts';
 import { judgeNodes, judgeSystemPods, smokePod } from '../tasks/verify.ts';
 import { freePortBlock } from './helpers.ts';
 

@@ -2,8 +2,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { InputError } from '../tasks/errors.ts';
-import { parseChecksumFile, parseFcosStream } from '../tasks/upstream.ts';
+import { InputError } from '../tasks/lib/errors.ts';
+import { parseChecksumFile, parseFcosStream } from '../tasks/lib/inputs/upstream.ts';
 
 // Real FCOS stream metadata (test/fixtures/upstream-samples: coreos/stream-metadata-go's fixtures, Apache-2.0).
 const samples = join(import.meta.dirname, 'fixtures', 'upstream-samples');

@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { runStages } from '../tasks/engine.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
 import { adminGroup, pkiStage } from '../tasks/pki.ts';
 import { verifyStage } from '../tasks/verify.ts';
 import { startApiServer, type ApiServerFixture } from './fixtures/apiserver.ts';

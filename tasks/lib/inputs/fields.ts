@@ -2,7 +2,7 @@
 // its field path, so a bad file is reported whole, once, and nothing downstream ever
 // sees an untyped value.
 import { parseDocument } from 'yaml';
-import { describe, InputError, type FieldProblem } from './errors.ts';
+import { describe, InputError, type FieldProblem } from '../errors.ts';
 
 export function fieldPath(parent: string, key: string | number): string {
   if (typeof key === 'number') return `${parent}[${key}]`;

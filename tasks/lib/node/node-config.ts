@@ -3,10 +3,10 @@
 // in fcc/ pull in with `contents.local`. Pure: no file system, no tools.
 import { createHash } from 'node:crypto';
 import { parseAllDocuments, stringify } from 'yaml';
-import type { ClusterConfig, NodeConfig } from './config.ts';
-import { InputError } from './errors.ts';
-import type { Lock } from './lock.ts';
-import { cidrSize, formatIPv4, parseIPv4 } from './net.ts';
+import type { ClusterConfig, NodeConfig } from '../inputs/config.ts';
+import { InputError } from '../errors.ts';
+import type { Lock } from '../inputs/lock.ts';
+import { cidrSize, formatIPv4, parseIPv4 } from '../inputs/net.ts';
 import { stringifyToml, type TomlTable } from './toml.ts';
 
 /** Where things are on a node; the units and scripts in fcc/ use the same paths. */

@@ -2,7 +2,7 @@
 // release index and one release's metadata, and the three checksum-file formats of the
 // Kubernetes and GitHub release sites.
 import { type Architecture } from './config.ts';
-import { InputError } from './errors.ts';
+import { InputError } from '../errors.ts';
 import { Reader, sha256Pattern } from './fields.ts';
 
 export interface FcosDisk {

@@ -5,7 +5,7 @@ import { createHash, type Hash } from 'node:crypto';
 import { constants, createReadStream, existsSync } from 'node:fs';
 import { chmod, copyFile, link, mkdir, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { UserError } from './errors.ts';
+import { UserError } from '../errors.ts';
 
 export class ChecksumError extends UserError {
   constructor(what: string, expected: string, found: string, hint: string) {

@@ -2,7 +2,7 @@
 // copy or a bundle (bar, bytes, rate), byte and rate formatting, and the choice between
 // listr2's live renderer (a terminal) and its plain line renderer (CI, a log, a pipe).
 // Shared by the stages and the bundle actions, so none imports another for these.
-import type { Progress } from './download.ts';
+import type { Progress } from '../store/download.ts';
 
 /** How progress is shown: `auto` picks by terminal; `simple` one line per change; `silent` nothing (tests). */
 export type Renderer = 'auto' | 'simple' | 'silent';

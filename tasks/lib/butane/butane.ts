@@ -8,7 +8,7 @@
 import { readFileSync, realpathSync } from 'node:fs';
 import { isAbsolute, join, relative, resolve } from 'node:path';
 import { parseDocument } from 'yaml';
-import { InputError, type FieldProblem } from './errors.ts';
+import { InputError, type FieldProblem } from '../errors.ts';
 import { goGzipBestCompression } from './goflate.ts';
 
 export const butaneVariant = 'fcos';

@@ -2,10 +2,10 @@
 // outputs it promises and a run function (kubeadm's phases are the model). The engine,
 // the CLI and the Makefile targets are all derived from the one list in stages.ts.
 import type { ListrTaskWrapper, ListrDefaultRenderer, ListrSimpleRenderer } from 'listr2';
-import { loadConfig, type ClusterConfig, type Target } from './config.ts';
-import { Cache } from './cache.ts';
-import type { HttpSettings } from './download.ts';
-import { checkLockMatchesConfig, loadLock, type Lock } from './lock.ts';
+import { loadConfig, type ClusterConfig, type Target } from '../inputs/config.ts';
+import { Cache } from '../store/cache.ts';
+import type { HttpSettings } from '../store/download.ts';
+import { checkLockMatchesConfig, loadLock, type Lock } from '../inputs/lock.ts';
 import type { ToolName } from './tools.ts';
 
 export type StageTask = ListrTaskWrapper<unknown, ListrDefaultRenderer, ListrSimpleRenderer>;

@@ -3,7 +3,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { InputError, UserError, ExitCode } from './errors.ts';
+import { InputError, UserError, ExitCode } from '../errors.ts';
 import { fieldPath, parseYaml, Reader } from './fields.ts';
 import { cidrContains, cidrsOverlap, isHostAddress, parseCidr, parseIPv4, type Cidr } from './net.ts';
 

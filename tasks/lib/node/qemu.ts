@@ -4,7 +4,7 @@ import { createHash } from 'node:crypto';
 import { accessSync, constants } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import type { ClusterConfig, NodeConfig } from './config.ts';
+import type { ClusterConfig, NodeConfig } from '../inputs/config.ts';
 import { macAddress } from './node-config.ts';
 
 export const runDir = 'run';

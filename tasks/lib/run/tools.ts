@@ -5,7 +5,7 @@
 // one line here.
 import { accessSync, constants, readFileSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
-import { ExitCode, UserError } from './errors.ts';
+import { ExitCode, UserError } from '../errors.ts';
 
 interface ToolSource {
   debian: string;

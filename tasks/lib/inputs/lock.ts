@@ -2,7 +2,7 @@
 // sha256, every image as name:tag@sha256. Parsed once into typed values.
 import { readFileSync } from 'node:fs';
 import { architectures, fcosStreams, type Architecture, type ClusterConfig } from './config.ts';
-import { ExitCode, InputError, UserError } from './errors.ts';
+import { ExitCode, InputError, UserError } from '../errors.ts';
 import { fieldPath, parseYaml, Reader, sha256Pattern } from './fields.ts';
 
 export const defaultLockFile = 'corekube.lock.yaml';

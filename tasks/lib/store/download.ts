@@ -3,7 +3,7 @@
 // Range request where the server allows it, so consumers (hashers, xz) see each byte
 // exactly once and never know a retry happened.
 import { setTimeout as sleep } from 'node:timers/promises';
-import { OfflineError, UserError } from './errors.ts';
+import { OfflineError, UserError } from '../errors.ts';
 
 export interface HttpSettings {
   /** Retries after the first attempt, for transient failures only. */
