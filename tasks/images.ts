@@ -24,6 +24,7 @@ import {
   ociLayoutFile,
   parseReference,
   readIndex,
+  registryHasNoSuchImage,
   serializeIndex,
   sha256Of,
   splitName,
@@ -212,7 +213,7 @@ async function copyToStaging(ctx: RunContext, image: ImageRef, store: string, su
       throw new UserError(
         `image ${image.text}: skopeo could not copy it from ${reference}` +
           ` (after ${retries} ${retries === 1 ? 'retry' : 'retries'}):\n${indentTail(error.stderr, 6)}\n` +
-          (/manifest unknown|not found|404/i.test(error.stderr)
+          (registryHasNoSuchImage(error.stderr)
             ? `The registry has no manifest with that digest: check the mirror for ${splitName(image.name).host}, or re-pin (make pin).`
             : `Check that the registry${insecure ? '' : ' (TLS)'} answers, or set a mirror in cluster.yaml (mirrors.registries).`),
       );

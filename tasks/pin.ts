@@ -31,7 +31,7 @@ import { ExitCode, InputError, isAbortError, OfflineError, UserError } from './l
 import { writeXzDecompressed } from './fetch.ts';
 import { kubeadmImages, moveBlobsIntoStore, readManifestImages, seededStagingLayout, skopeoCopy, storeDir, type ManifestImage } from './images.ts';
 import { checkLockMatchesConfig, lockedArtifacts, lockVersion, parseLock, type AnyArtifactKey, type Artifact, type ArtifactKey, type ImageRef, type Lock } from './lib/inputs/lock.ts';
-import { findRef, parseReference, readIndex, sha256Of, splitName } from './lib/store/oci.ts';
+import { findRef, parseReference, readIndex, registryHasNoSuchImage, sha256Of, splitName } from './lib/store/oci.ts';
 import type { RunContext, Stage } from './lib/run/stage.ts';
 import { indentTail, runTool, ToolError } from './lib/run/tool.ts';
 import { parseChecksumFile, parseFcosRelease, parseFcosReleaseIndex, parseFcosStream, streamArchitectures, type FcosDisk } from './lib/inputs/upstream.ts';
@@ -672,7 +672,7 @@ function skopeoFailure(image: string, reference: string, error: unknown, insecur
   if (!(error instanceof ToolError)) return error;
   return new UserError(
     `pin: image ${image}: skopeo could not read ${reference}:\n${indentTail(error.stderr, 6)}\n` +
-      (/manifest unknown|not found|404/i.test(error.stderr)
+      (registryHasNoSuchImage(error.stderr)
         ? `The registry has no such tag or digest: check the image in kubeadm's list or manifests/, or the mirror for ${host}.`
         : `Check that the registry${insecure ? '' : ' (TLS)'} answers, or set a mirror in cluster.yaml (mirrors.registries.${host}).`),
   );

@@ -5,7 +5,7 @@ import * as assert from 'uvu/assert';
 import { diskMode, diskUuid } from '../tasks/disk.ts';
 import { checkImageCoverage, kubeadmImages, refsOf } from '../tasks/images.ts';
 import { parseLock, type Lock } from '../tasks/lib/inputs/lock.ts';
-import { imagesInDocument, parseReference, serializeIndex, withRef, type Descriptor } from '../tasks/lib/store/oci.ts';
+import { imagesInDocument, parseReference, registryHasNoSuchImage, serializeIndex, withRef, type Descriptor } from '../tasks/lib/store/oci.ts';
 
 const digestA = `sha256:${'a'.repeat(64)}`;
 const digestB = `sha256:${'b'.repeat(64)}`;
@@ -117,6 +117,15 @@ test('disk UUID is fixed per cluster name and well formed; modes follow the path
   assert.is(diskMode('cni/bridge', file(0o755)), 0o755);
   assert.is(diskMode('cni/LICENSE', file(0o644)), 0o644);
   assert.is(diskMode('images', { mode: 0o700, isDirectory: () => true }), 0o755);
+});
+
+test("skopeo's errors: a registry that lacks the image, told apart from one that does not answer (digits in a temp path mean nothing)", () => {
+  const staging = '/tmp/corekube-ws-a404b1/cache/tmp/oci-busybox-404x';
+  assert.ok(registryHasNoSuchImage(`time="…" level=fatal msg="initializing source docker://127.0.0.1:5000/library/busybox@sha256:${'a'.repeat(64)}: reading manifest sha256:${'a'.repeat(64)} in 127.0.0.1:5000/library/busybox: manifest unknown: manifest unknown"`));
+  assert.ok(registryHasNoSuchImage('reading manifest v1 in registry.example/x: name unknown: repository name not known to registry'));
+  assert.ok(registryHasNoSuchImage('Error reading manifest: received unexpected HTTP status: 404 Not Found'));
+  assert.not.ok(registryHasNoSuchImage(`copying to oci:${staging}:x: pinging container registry 127.0.0.1:40404: Get "http://127.0.0.1:40404/v2/": dial tcp 127.0.0.1:40404: connect: connection refused`));
+  assert.not.ok(registryHasNoSuchImage(`writing blob to ${staging}/blobs/sha256/404404: no space left on device`));
 });
 
 test.run();

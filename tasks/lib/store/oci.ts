@@ -166,3 +166,13 @@ export function imagesInDocument(value: unknown, found: string[] = []): string[]
   }
   return found;
 }
+
+/**
+ * Whether skopeo's error says the registry lacks the image (the distribution API's
+ * MANIFEST_UNKNOWN or NAME_UNKNOWN, or a bare HTTP 404), as opposed to a registry that
+ * does not answer. Matched on those words only: stderr also carries paths, whose random
+ * parts may hold any digits.
+ */
+export function registryHasNoSuchImage(stderr: string): boolean {
+  return /manifest unknown|name unknown|\b404 Not Found\b|status code 404\b|\(404\)/i.test(stderr);
+}
