@@ -300,4 +300,26 @@ test('an image disk that lacks a binary: corekube-install fails with its message
   await stopCluster(ws.outDir, { timeoutMs: 0 });
 });
 
+test('no image disk (a blank drive in its place): corekube-install says so on the console, and make verify names it', async () => {
+  const ws = workspace(['{name: solo, role: control-plane, ip: 10.77.0.10, memory: 2GiB}'], await freePorts(1));
+  await build(ws, ['disk', 'ignition']);
+  // The drive is there, but nothing on it is labelled corekube: the mount waits for the
+  // label in vain (systemd's 90 s device timeout) and fails.
+  const disk = join(ws.outDir, 'image-disk.img');
+  writeFileSync(disk, Buffer.alloc(1 << 20));
+  await runStages(ws.context(), [bootStage], { renderer: 'silent' });
+  const report = (await waitForReports(ws, ['solo'])).get('solo')!;
+  const message = 'corekube: no image disk: nothing labelled corekube is mounted on /var/mnt/corekube (the node needs out/image-disk.img as its second drive: make disk boot)';
+  assert.match(one(report, 'failed'), /corekube-install\.service/, explain(ws, 'solo'));
+  assert.ok(values(report, 'journal').includes(`corekube-install.service ${message}`), values(report, 'journal').join('\n'));
+  for (const unit of ['containerd.service', 'corekube-images.service', 'corekube-control-plane.service']) {
+    assert.is(report.units.get(unit)?.ActiveState, 'inactive', `${unit}: ${JSON.stringify(report.units.get(unit))}`);
+  }
+  const verify = await runCli(['verify', '--only', ...workspaceArgs(ws)], { env: { VERIFY_TIMEOUT: '3' } });
+  const said = verify.stderr + verify.stdout;
+  assert.is.not(verify.code, 0, said);
+  assert.ok(said.includes(`corekube-install.service ${message}`), said);
+  await stopCluster(ws.outDir, { timeoutMs: 0 });
+});
+
 test.run();
