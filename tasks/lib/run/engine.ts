@@ -143,19 +143,21 @@ export async function identity(path: string): Promise<string | undefined> {
   }
   if (!info.isDirectory()) return `${info.size}:${Math.trunc(info.mtimeMs)}:${info.ino}`;
   const hash = createHash('sha256');
-  const walk = async (dir: string): Promise<void> => {
-    const entries = (await readdir(dir, { withFileTypes: true })).sort((a, b) => a.name.localeCompare(b.name));
-    for (const entry of entries) {
-      const full = join(dir, entry.name);
-      if (entry.isDirectory()) await walk(full);
-      else {
-        const s = await stat(full);
-        hash.update(`${relative(path, full)}\0${s.size}:${Math.trunc(s.mtimeMs)}:${s.ino}\n`);
-      }
-    }
-  };
-  await walk(path);
+  for await (const full of filesUnder(path)) {
+    const s = await stat(full);
+    hash.update(`${relative(path, full)}\0${s.size}:${Math.trunc(s.mtimeMs)}:${s.ino}\n`);
+  }
   return `tree:${hash.digest('hex')}`;
+}
+
+/** Every file below a directory, depth first, in name order (so digests of trees are stable). */
+async function* filesUnder(dir: string): AsyncGenerator<string> {
+  const entries = (await readdir(dir, { withFileTypes: true })).sort((a, b) => a.name.localeCompare(b.name));
+  for (const entry of entries) {
+    const full = join(dir, entry.name);
+    if (entry.isDirectory()) yield* filesUnder(full);
+    else yield full;
+  }
 }
 
 export async function sha256File(path: string): Promise<string> {
@@ -168,15 +170,7 @@ export async function treeSha256(path: string): Promise<string> {
   const info = await stat(path);
   if (!info.isDirectory()) return sha256File(path);
   const hash = createHash('sha256');
-  const walk = async (dir: string): Promise<void> => {
-    const entries = (await readdir(dir, { withFileTypes: true })).sort((a, b) => a.name.localeCompare(b.name));
-    for (const entry of entries) {
-      const full = join(dir, entry.name);
-      if (entry.isDirectory()) await walk(full);
-      else hash.update(`${relative(path, full)}\0${await sha256File(full)}\n`);
-    }
-  };
-  await walk(path);
+  for await (const full of filesUnder(path)) hash.update(`${relative(path, full)}\0${await sha256File(full)}\n`);
   return hash.digest('hex');
 }
 
