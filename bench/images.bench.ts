@@ -25,10 +25,10 @@ import { diskUuid, makeFilesystem, verifyDisk } from '../tasks/disk.ts';
 import { blobPath, imageBlobs, readIndex } from '../tasks/lib/store/oci.ts';
 import { startContainerd } from '../test/fixtures/containerd.ts';
 import { startFixtureServer, type FixtureServer } from '../test/fixtures/http-server.ts';
-import { startRegistry, type ImageSpec, type RegistryFixture } from '../test/fixtures/registry.ts';
+import { startRegistry, type RegistryFixture } from '../test/fixtures/registry.ts';
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
-import { cliPath, fixtureMirrors, lockEntry, makeWorkspace, projectImages, projectRoot, workspaceArgs, type Workspace } from '../test/helpers.ts';
-import { mb, median, rate, report, seconds } from './measure.ts';
+import { cliPath, fixtureMirrors, lockEntry, makeWorkspace, projectRoot, workspaceArgs, type Workspace } from '../test/helpers.ts';
+import { mb, median, rate, realisticImages, report, seconds } from './measure.ts';
 
 // The fixture HTTP server lives in this process: children that talk to it must not block it.
 const run = promisify(execFile);
@@ -37,24 +37,7 @@ const totalMB = Number(process.env.BENCH_IMAGES_MB ?? 250);
 const rounds = Math.max(1, Number(process.env.BENCH_ROUNDS ?? 3));
 
 const version = 'v1.35.7';
-// Roughly the compressed linux/amd64 sizes (MB) of the real images; scaled to totalMB.
-const weights: Record<string, number> = {
-  'registry.k8s.io/kube-apiserver': 27,
-  'registry.k8s.io/kube-controller-manager': 25,
-  'registry.k8s.io/kube-scheduler': 19,
-  'registry.k8s.io/kube-proxy': 30,
-  'registry.k8s.io/etcd': 23,
-  'registry.k8s.io/coredns/coredns': 21,
-  'registry.k8s.io/pause': 0.3,
-  'ghcr.io/flannel-io/flannel': 33,
-  'ghcr.io/flannel-io/flannel-cni-plugin': 5,
-};
-const multiArch = new Set(['ghcr.io/flannel-io/flannel', 'ghcr.io/flannel-io/flannel-cni-plugin']);
-const wanted = projectImages(version);
-for (const { name } of wanted) if (weights[name] === undefined) weights[name] = 10; // an image manifests/ gained since
-const weightSum = wanted.reduce((sum, { name }) => sum + weights[name]!, 0);
-const sizeKiB = (name: string) => Math.max(4, Math.round(((weights[name]! / weightSum) * totalMB * 1e6) / 1024));
-const specs: ImageSpec[] = wanted.map(({ name, tag }) => ({ name, tag, sizeKiB: sizeKiB(name), ...(multiArch.has(name) ? { multiArch: true } : {}) }));
+const specs = realisticImages(version, totalMB);
 
 async function sha256File(path: string): Promise<string> {
   const hash = createHash('sha256');

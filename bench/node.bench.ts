@@ -27,7 +27,7 @@ import { startRegistry, type ImageSpec, type RegistryFixture } from '../test/fix
 import { buildStandInNode, readNodeReport, standInNodeEnv } from '../test/fixtures/standin-node.ts';
 import { buildUpstreamTree } from '../test/fixtures/upstream.ts';
 import { fixtureMirrors, lockEntry, makeWorkspace, projectImages, type Workspace } from '../test/helpers.ts';
-import { median, seconds } from './measure.ts';
+import { median, realisticImages, seconds } from './measure.ts';
 
 const report = (line: string) => console.log(line);
 const rounds = Math.max(1, Number(process.env.BENCH_ROUNDS ?? 1));
@@ -36,28 +36,7 @@ const version = 'v1.35.7';
 const portBase = 46000 + (process.pid % 1000) * 10;
 const load = () => loadavg().map((l) => l.toFixed(2)).join(' ');
 
-// As bench/images.bench.ts: roughly the compressed linux/amd64 sizes (MB) of the real images.
-const weights: Record<string, number> = {
-  'registry.k8s.io/kube-apiserver': 27,
-  'registry.k8s.io/kube-controller-manager': 25,
-  'registry.k8s.io/kube-scheduler': 19,
-  'registry.k8s.io/kube-proxy': 30,
-  'registry.k8s.io/etcd': 23,
-  'registry.k8s.io/coredns/coredns': 21,
-  'registry.k8s.io/pause': 0.3,
-  'ghcr.io/flannel-io/flannel': 33,
-  'ghcr.io/flannel-io/flannel-cni-plugin': 5,
-};
-const multiArch = new Set(['ghcr.io/flannel-io/flannel', 'ghcr.io/flannel-io/flannel-cni-plugin']);
-const wanted = projectImages(version);
-for (const { name } of wanted) if (weights[name] === undefined) weights[name] = 10;
-const weightSum = wanted.reduce((sum, { name }) => sum + weights[name]!, 0);
-const fullSpecs: ImageSpec[] = wanted.map(({ name, tag }) => ({
-  name,
-  tag,
-  sizeKiB: Math.max(4, Math.round(((weights[name]! / weightSum) * totalMB * 1e6) / 1024)),
-  ...(multiArch.has(name) ? { multiArch: true } : {}),
-}));
+const fullSpecs = realisticImages(version, totalMB);
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-bench-node-'));
 const servers: { close(): Promise<void> }[] = [];
@@ -74,7 +53,7 @@ try {
   console.log(`  (setup: stand-in node ${node.kernelRelease}${node.builtSeconds ? `, built in ${node.builtSeconds.toFixed(0)} s` : ' from the cache'}, upstream tree in ${seconds(start).toFixed(1)} s)`);
 
   const layouts: { label: string; specs: ImageSpec[] | ReturnType<typeof projectImages> }[] = [
-    { label: 'test layout (one shared busybox layer)', specs: wanted },
+    { label: 'test layout (one shared busybox layer)', specs: projectImages(version) },
     { label: `full fixture layout (~${totalMB} MB)`, specs: fullSpecs },
   ];
   let round = 0;

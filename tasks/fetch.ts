@@ -14,6 +14,7 @@ import { downloadChunks, type DownloadOptions } from './lib/store/download.ts';
 import { OfflineError, UserError } from './lib/errors.ts';
 import { artifactFileName, isXz, lockedArtifacts, storedSha256, type Artifact } from './lib/inputs/lock.ts';
 import { formatRate, progressMeter } from './lib/run/progress.ts';
+import { fanOut } from './lib/run/fan-out.ts';
 import type { Stage, StageTask } from './lib/run/stage.ts';
 
 export const artifactsDir = 'artifacts';
@@ -80,30 +81,8 @@ export const fetchStage: Stage = {
       if (!(await sameFile(entry, target))) await placeLink(entry, target);
     };
 
-    // listr2 shows one line per artifact; p-limit decides how many download at once.
-    const limit = pLimit(settings.jobs);
-    const failures: Error[] = [];
-    const subtasks = task.newListr(
-      artifacts.map((artifact) => ({
-        title: artifact.key,
-        task: (_: unknown, sub: StageTask) =>
-          limit(async () => {
-            try {
-              await fetchOne(artifact, sub);
-            } catch (error) {
-              failures.push(error as Error);
-              throw error;
-            }
-          }),
-      })),
-      { concurrent: true, exitOnError: false, rendererOptions: { collapseSubtasks: false } },
-    );
-    await subtasks.run();
-    if (ctx.signal.aborted) throw ctx.signal.reason;
-    if (failures.length === 1) throw failures[0];
-    if (failures.length > 1) {
-      throw new UserError(`${failures.length} artifacts failed:\n\n${failures.map((e) => e.message).join('\n\n')}`);
-    }
+    // listr2 shows one line per artifact; at most `jobs` download at once.
+    await fanOut(task, artifacts, { jobs: settings.jobs, signal: ctx.signal, title: (a) => a.key, what: 'artifacts' }, fetchOne);
     await pruneStale(join(settings.outDir, artifactsDir), new Set(artifacts.map(artifactFileName)));
     return Object.fromEntries(artifacts.map((a) => [artifactOutput(a), storedSha256(a)]));
   },

@@ -32,6 +32,7 @@ import {
   type OciIndex,
 } from './lib/store/oci.ts';
 import { formatSeconds } from './lib/run/progress.ts';
+import { fanOut } from './lib/run/fan-out.ts';
 import type { RunContext, Stage, StageTask } from './lib/run/stage.ts';
 import { ToolError, indentTail, runTool } from './lib/run/tool.ts';
 
@@ -61,35 +62,17 @@ export const imagesStage: Stage = {
     if (missing.length > 0 && ctx.settings.offline) throw offlineMissing(missing, movedAside);
     const repaired = movedAside.length > 0 ? ` (re-copied: ${movedAside.length} blob${movedAside.length === 1 ? '' : 's'} no longer matched ${movedAside.length === 1 ? 'its name' : 'their names'}, moved to cache/corrupt/)` : '';
 
-    const limit = pLimit(ctx.settings.jobs);
-    const failures: Error[] = [];
     const merges = new Serial();
-    const subtasks = task.newListr(
-      ctx.lock.images.map((image) => ({
-        title: refName(image),
-        task: (_: unknown, sub: StageTask) =>
-          limit(async () => {
-            if (!missing.includes(image)) {
-              sub.title = `${refName(image)}: in cache`;
-              return;
-            }
-            try {
-              const started = performance.now();
-              const staging = await copyToStaging(ctx, image, store, sub);
-              await merges.run(() => mergeIntoStore(staging, store, image));
-              sub.title = `${refName(image)}: copied in ${formatSeconds(started)}${repaired}`;
-            } catch (error) {
-              failures.push(error as Error);
-              throw error;
-            }
-          }),
-      })),
-      { concurrent: true, exitOnError: false, rendererOptions: { collapseSubtasks: false } },
-    );
-    await subtasks.run();
-    if (ctx.signal.aborted) throw ctx.signal.reason;
-    if (failures.length === 1) throw failures[0];
-    if (failures.length > 1) throw new UserError(`${failures.length} images failed:\n\n${failures.map((e) => e.message).join('\n\n')}`);
+    await fanOut(task, ctx.lock.images, { jobs: ctx.settings.jobs, signal: ctx.signal, title: refName, what: 'images' }, async (image, sub) => {
+      if (!missing.includes(image)) {
+        sub.title = `${refName(image)}: in cache`;
+        return;
+      }
+      const started = performance.now();
+      const staging = await copyToStaging(ctx, image, store, sub);
+      await merges.run(() => mergeIntoStore(staging, store, image));
+      sub.title = `${refName(image)}: copied in ${formatSeconds(started)}${repaired}`;
+    });
 
     const index = await writeOutputLayout(store, join(ctx.settings.outDir, imagesOutput), ctx.lock.images, ctx.settings.outDir);
     // Blobs are content-addressed and verified, so the index names the whole layout.

@@ -18,16 +18,11 @@ import { sshPort } from '../tasks/lib/node/qemu.ts';
 import { stages } from '../tasks/stages.ts';
 import { verifyStage } from '../tasks/verify.ts';
 import { buildAppliance, consoleLog, readChecks, readDone, standInEnv, type Appliance } from './fixtures/appliance.ts';
-import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
-import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
-import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, freePortBlock, lockEntry, loud, makeWorkspace, projectImages, runCli, waitFor, workspaceArgs, type Workspace } from './helpers.ts';
+import { clusterWorkspace, freePortBlock, loud, runCli, startUpstream, waitFor, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-boot-'));
 const version = 'v1.35.7';
-let tree: UpstreamTree;
-let server: FixtureServer;
-let registry: RegistryFixture;
+let up: Upstream;
 let appliance: Appliance;
 let probe: Server;
 let probeConnections = 0;
@@ -39,9 +34,7 @@ let portBase = 0;
 test.before(loud(async () => {
   portBase = await freePortBlock(7);
   appliance = await buildAppliance();
-  tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
-  server = await startFixtureServer({ root: join(work, 'upstream') });
-  registry = await startRegistry({ images: projectImages(version), work });
+  up = await startUpstream(work, version);
   // A service on the host's 127.0.0.1 that the nodes' user-mode NIC must not reach.
   probe = createServer((socket) => {
     probeConnections++;
@@ -52,20 +45,14 @@ test.before(loud(async () => {
 
 test.after(async () => {
   for (const ws of workspaces) await stopCluster(ws.outDir, { timeoutMs: 0 }).catch(() => undefined);
-  await server?.close();
-  await registry?.close();
+  await up?.close();
   probe?.close();
   for (const ws of workspaces) rmSync(ws.dir, { recursive: true, force: true });
   rmSync(work, { recursive: true, force: true });
 });
 
 function workspace(nodes: string[], ports: { apiServer: number; sshBase: number }): Workspace {
-  const ws = makeWorkspace(tree, server.url, {
-    nodes,
-    registries: fixtureMirrors(registry.host),
-    images: registry.images.map((i) => lockEntry(i)),
-    extraConfig: [`hostPorts: {apiServer: ${ports.apiServer}, sshBase: ${ports.sshBase}}`],
-  });
+  const ws = clusterWorkspace(up, nodes, ports);
   workspaces.push(ws);
   return ws;
 }

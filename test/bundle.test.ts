@@ -6,7 +6,7 @@
 // are hostile ones (links, devices, paths leaving the tree, PAX renames, a name twice).
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
+import { chmodSync, closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,7 +25,7 @@ import { pkiStage } from '../tasks/pki.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, listFiles, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
+import { fixtureMirrors, flipByte, listFiles, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-bundle-'));
 const version = 'v1.35.7';
@@ -222,12 +222,7 @@ test('a bundle with one flipped byte inside an entry is refused, naming the entr
     const tampered = join(work, 'tampered.tar');
     copyFileSync(bundleFile, tampered);
     const at = (entry.block + 1) * 512 + Math.floor(entry.size / 2);
-    const fd = openSync(tampered, 'r+');
-    const one = Buffer.alloc(1);
-    readSync(fd, one, 0, 1, at);
-    one[0] = one[0]! ^ 0x01;
-    writeSync(fd, one, 0, 1, at);
-    closeSync(fd);
+    flipByte(tampered, at);
 
     const site = workspace();
     rmSync(site.lockFile);

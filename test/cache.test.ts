@@ -4,7 +4,7 @@
 // `images --force` move it to cache/corrupt/ and fetch it again; offline names it;
 // `fsck` finds every one and `fsck --fix` lets a plain rebuild repair them.
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, utimesSync, writeSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -16,54 +16,35 @@ import { OfflineError } from '../tasks/lib/errors.ts';
 import { fetchStage } from '../tasks/fetch.ts';
 import { imagesStage } from '../tasks/images.ts';
 import { blobPath, findRef, imageBlobs, readIndex } from '../tasks/lib/store/oci.ts';
-import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
-import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
-import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace } from './helpers.ts';
+import { fixtureMirrors, flipByte, lockEntry, loud, makeWorkspace, runCli, startUpstream, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-cache-'));
 const version = 'v1.35.7';
-let tree: UpstreamTree;
-let server: FixtureServer;
-let registry: RegistryFixture;
+let up: Upstream;
 let ws: Workspace;
 
 test.before(loud(async () => {
-  tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
-  server = await startFixtureServer({ root: join(work, 'upstream') });
-  registry = await startRegistry({ images: projectImages(version), work });
-  ws = makeWorkspace(tree, server.url, { registries: fixtureMirrors(registry.host), images: registry.images.map((i) => lockEntry(i)) });
+  up = await startUpstream(work, version);
+  ws = makeWorkspace(up.tree, up.server.url, { registries: fixtureMirrors(up.registry.host), images: up.registry.images.map((i) => lockEntry(i)) });
 }));
 
 test.after(async () => {
-  await server?.close();
-  await registry?.close();
+  await up?.close();
   rmSync(work, { recursive: true, force: true });
 });
 
 const silent = { renderer: 'silent' } as const;
 const sha256 = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
-const entry = (key: string) => join(ws.cacheDir, 'sha256', tree.artifacts[key]!.uncompressedSha256 ?? tree.artifacts[key]!.sha256);
+const entry = (key: string) => join(ws.cacheDir, 'sha256', up.tree.artifacts[key]!.uncompressedSha256 ?? up.tree.artifacts[key]!.sha256);
 const store = () => join(ws.cacheDir, 'oci');
 /** The pause image's largest blob in cache/oci (a layer). */
 function layerBlob(): string {
-  const image = registry.images.find((i) => i.name === 'registry.k8s.io/pause')!;
+  const image = up.registry.images.find((i) => i.name === 'registry.k8s.io/pause')!;
   const digest = findRef(readIndex(store()), `${image.name}:${image.tag}`)!.digest;
   const blobs = imageBlobs(store(), digest).map((d) => blobPath(store(), d));
   return blobs.sort((a, b) => statSync(b).size - statSync(a).size)[0]!;
 }
 
-/** Flips one byte in place, keeping size, inode and mtime: only the bytes tell. */
-function flipByte(file: string, at = 100): void {
-  const before = statSync(file);
-  const fd = openSync(file, 'r+');
-  const one = Buffer.alloc(1);
-  readSync(fd, one, 0, 1, at);
-  one[0] = one[0]! ^ 0x01;
-  writeSync(fd, one, 0, 1, at);
-  closeSync(fd);
-  utimesSync(file, before.atime, before.mtime);
-}
 
 const corrupt = () => readdirSync(join(ws.cacheDir, 'corrupt')).sort();
 
@@ -77,8 +58,8 @@ test('a fresh build, then bit flips in an artifact, a tarball and an image blob:
   assert.instance(error, CacheMismatchError);
   const message = error!.message;
   const found = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
-  assert.match(message, `${entry('kubelet')}: kubelet, as the lock pins it\n    expected sha256 ${tree.artifacts.kubelet!.sha256}\n    found    sha256 ${found(entry('kubelet'))}\n    repair: make fetch FORCE=1`);
-  assert.match(message, `${entry('containerd')}: containerd, as the lock pins it\n    expected sha256 ${tree.artifacts.containerd!.sha256}`);
+  assert.match(message, `${entry('kubelet')}: kubelet, as the lock pins it\n    expected sha256 ${up.tree.artifacts.kubelet!.sha256}\n    found    sha256 ${found(entry('kubelet'))}\n    repair: make fetch FORCE=1`);
+  assert.match(message, `${entry('containerd')}: containerd, as the lock pins it\n    expected sha256 ${up.tree.artifacts.containerd!.sha256}`);
   const hex = blob.split('/').pop()!;
   assert.match(message, `${blob}: an image blob (its name is its sha256)\n    expected sha256 ${hex}\n    found    sha256 ${found(blob)}\n    repair: make images FORCE=1`);
   assert.match(message, /make fsck FIX=1/);
@@ -87,8 +68,8 @@ test('a fresh build, then bit flips in an artifact, a tarball and an image blob:
 test('fsck names every changed cache entry and the outputs that share its bytes, and exits non-zero', async () => {
   const result = await runCli([...workspaceArgs(ws), 'fsck']);
   assert.is(result.code, 1, result.stderr);
-  assert.match(result.stdout, `DIFFERS cache/sha256/${tree.artifacts.kubelet!.sha256}: cache entry (named by its sha256)`);
-  assert.match(result.stdout, `DIFFERS cache/sha256/${tree.artifacts.containerd!.sha256}`);
+  assert.match(result.stdout, `DIFFERS cache/sha256/${up.tree.artifacts.kubelet!.sha256}: cache entry (named by its sha256)`);
+  assert.match(result.stdout, `DIFFERS cache/sha256/${up.tree.artifacts.containerd!.sha256}`);
   assert.match(result.stdout, `DIFFERS cache/oci/blobs/sha256/${layerBlob().split('/').pop()}`);
   assert.match(result.stdout, /DIFFERS .*out\/artifacts\/kubelet: output of fetch \(sha256 in its stamp\)/);
   assert.match(result.stdout, /DIFFERS .*out\/artifacts\/containerd-[^:]*: output of fetch/);
@@ -100,7 +81,7 @@ test('fsck names every changed cache entry and the outputs that share its bytes,
 test('offline, fetch moves the bad entry aside and fails naming it', async () => {
   const error = await runStages(ws.context({ force: true, offline: true }), [fetchStage], silent).then(() => undefined, (e: Error) => e);
   assert.instance(error, OfflineError);
-  assert.match(error!.message, new RegExp(`kubelet: sha256 ${tree.artifacts.kubelet!.sha256}\\n    the cached bytes had sha256 [0-9a-f]{64}: moved to .*cache/corrupt/\\d{8}T\\d{6}Z\\.sha256\\.${tree.artifacts.kubelet!.sha256}`));
+  assert.match(error!.message, new RegExp(`kubelet: sha256 ${up.tree.artifacts.kubelet!.sha256}\\n    the cached bytes had sha256 [0-9a-f]{64}: moved to .*cache/corrupt/\\d{8}T\\d{6}Z\\.sha256\\.${up.tree.artifacts.kubelet!.sha256}`));
   assert.match(error!.message, /containerd: sha256/);
   assert.is(corrupt().length, 2);
 });
@@ -108,13 +89,13 @@ test('offline, fetch moves the bad entry aside and fails naming it', async () =>
 test('fetch --force downloads them again; images --force copies the blob again; the disk builds from the pinned bytes', async () => {
   const report = await runStages(ws.context({ force: true }), [fetchStage], silent);
   assert.equal(report.ran, ['fetch']);
-  assert.is(sha256(entry('kubelet')), tree.artifacts.kubelet!.sha256);
-  assert.is(sha256(join(ws.outDir, 'artifacts', 'kubelet')), tree.artifacts.kubelet!.sha256, 'out/artifacts links the good entry');
-  const before = registry.requestCount();
+  assert.is(sha256(entry('kubelet')), up.tree.artifacts.kubelet!.sha256);
+  assert.is(sha256(join(ws.outDir, 'artifacts', 'kubelet')), up.tree.artifacts.kubelet!.sha256, 'out/artifacts links the good entry');
+  const before = up.registry.requestCount();
   await runStages(ws.context({ force: true }), [imagesStage], silent);
   const blob = layerBlob();
   assert.is(sha256(blob), blob.split('/').pop());
-  assert.ok(registry.requestCount() > before, 'the registry was asked again');
+  assert.ok(up.registry.requestCount() > before, 'the registry was asked again');
   assert.is(sha256(join(ws.outDir, 'images', 'blobs', 'sha256', blob.split('/').pop()!)), blob.split('/').pop(), 'out/images links the good blob');
   assert.is(corrupt().length, 3);
   assert.ok(corrupt().some((name) => /^\d{8}T\d{6}Z\.oci-blob\.[0-9a-f]{64}$/.test(name)), corrupt().join(' '));
@@ -132,7 +113,7 @@ test('fsck --fix moves a bad entry aside and unstamps what used it: a plain buil
   assert.match(fixed.stdout, /fixed: removed the fetch stamp/);
   const report = await runStages(ws.context(), [fetchStage, imagesStage, diskStage], silent);
   assert.ok(report.ran.includes('fetch'), report.ran.join(' '));
-  assert.is(sha256(entry('kubectl')), tree.artifacts.kubectl!.sha256);
+  assert.is(sha256(entry('kubectl')), up.tree.artifacts.kubectl!.sha256);
   const clean = await runCli([...workspaceArgs(ws), 'fsck']);
   assert.is(clean.code, 0, clean.stdout);
 });

@@ -2,7 +2,7 @@
 // fixture server, a lock written from the fixture tree's real checksums, and separate
 // out/ and cache/ directories.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, statSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -10,8 +10,9 @@ import { kubeadmImages, readManifestImages } from '../tasks/images.ts';
 import { artifactKeys } from '../tasks/lib/inputs/lock.ts';
 import { parseReference } from '../tasks/lib/store/oci.ts';
 import { RunContext, type RunSettings } from '../tasks/lib/run/stage.ts';
-import type { SeededImage } from './fixtures/registry.ts';
-import type { UpstreamTree } from './fixtures/upstream.ts';
+import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
+import { startRegistry, type RegistryFixture, type SeededImage } from './fixtures/registry.ts';
+import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
 
 export const projectRoot = resolve(import.meta.dirname, '..');
 export const cliPath = join(projectRoot, 'tasks', 'cli.ts');
@@ -215,4 +216,49 @@ export async function freePortBlock(count: number): Promise<number> {
     }
   }
   throw new Error(`no ${count} consecutive free ports on 127.0.0.1 below ${high + count}`);
+}
+
+/** Flips one bit of one byte in place, keeping size, inode and mtime: only the bytes tell. */
+export function flipByte(file: string, at = 100): void {
+  const before = statSync(file);
+  const fd = openSync(file, 'r+');
+  const one = Buffer.alloc(1);
+  readSync(fd, one, 0, 1, at);
+  one[0] = one[0]! ^ 0x01;
+  writeSync(fd, one, 0, 1, at);
+  closeSync(fd);
+  utimesSync(file, before.atime, before.mtime);
+}
+
+/** What stands in for upstream in a test file: the fixture sites served on 127.0.0.1 and a registry seeded with the project's images. */
+export interface Upstream {
+  tree: UpstreamTree;
+  server: FixtureServer;
+  registry: RegistryFixture;
+  close(): Promise<void>;
+}
+
+export async function startUpstream(work: string, version: string, options: { realRuntime?: boolean } = {}): Promise<Upstream> {
+  const tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version, ...options });
+  const server = await startFixtureServer({ root: join(work, 'upstream') });
+  const registry = await startRegistry({ images: projectImages(version), work });
+  return {
+    tree,
+    server,
+    registry,
+    async close() {
+      await server.close();
+      await registry.close();
+    },
+  };
+}
+
+/** A workspace on the test file's upstream, with every image of the registry in its lock and the given nodes and host ports. */
+export function clusterWorkspace(up: Upstream, nodes: string[], ports: { apiServer: number; sshBase: number }): Workspace {
+  return makeWorkspace(up.tree, up.server.url, {
+    nodes,
+    registries: fixtureMirrors(up.registry.host),
+    images: up.registry.images.map((i) => lockEntry(i)),
+    extraConfig: [`hostPorts: {apiServer: ${ports.apiServer}, sshBase: ${ports.sshBase}}`],
+  });
 }

@@ -21,17 +21,12 @@ import { macAddress } from '../tasks/lib/node/node-config.ts';
 import { sshArgs, sshPort } from '../tasks/lib/node/qemu.ts';
 import { stages } from '../tasks/stages.ts';
 import { consoleLog } from './fixtures/appliance.ts';
-import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
-import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildStandInNode, readNodeReport, standInNodeEnv, type NodeReport, type StandInNode } from './fixtures/standin-node.ts';
-import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace } from './helpers.ts';
+import { clusterWorkspace, loud, runCli, startUpstream, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-node-'));
 const version = 'v1.35.7';
-let tree: UpstreamTree;
-let server: FixtureServer;
-let registry: RegistryFixture;
+let up: Upstream;
 let standIn: StandInNode;
 const workspaces: Workspace[] = [];
 /** Under TCG on 2 shared cores: a node's first boot to its report takes 1–3 minutes. */
@@ -41,17 +36,14 @@ const sshKey = join(work, 'id_ed25519');
 test.before(loud(async () => {
   standIn = await buildStandInNode();
   if (standIn.builtSeconds > 0) console.log(`    (stand-in node built in ${standIn.builtSeconds.toFixed(0)} s; cached from now on)`);
-  tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version, realRuntime: true });
-  server = await startFixtureServer({ root: join(work, 'upstream') });
-  registry = await startRegistry({ images: projectImages(version), work });
+  up = await startUpstream(work, version, { realRuntime: true });
   execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'corekube-node-test', '-f', sshKey]);
   Object.assign(process.env, standInNodeEnv(standIn));
 }));
 
 test.after(async () => {
   for (const ws of workspaces) await stopCluster(ws.outDir, { timeoutMs: 0 }).catch(() => undefined);
-  await server?.close();
-  await registry?.close();
+  await up?.close();
   for (const ws of workspaces) rmSync(ws.dir, { recursive: true, force: true });
   rmSync(work, { recursive: true, force: true });
 });
@@ -81,12 +73,7 @@ async function freePorts(nodes: number): Promise<{ apiServer: number; sshBase: n
 }
 
 function workspace(nodes: string[], ports: { apiServer: number; sshBase: number }): Workspace {
-  const ws = makeWorkspace(tree, server.url, {
-    nodes,
-    registries: fixtureMirrors(registry.host),
-    images: registry.images.map((i) => lockEntry(i)),
-    extraConfig: [`hostPorts: {apiServer: ${ports.apiServer}, sshBase: ${ports.sshBase}}`],
-  });
+  const ws = clusterWorkspace(up, nodes, ports);
   writeFileSync(join(ws.dir, 'id.pub'), readFileSync(`${sshKey}.pub`));
   workspaces.push(ws);
   return ws;
