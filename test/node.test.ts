@@ -10,7 +10,6 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -22,7 +21,7 @@ import { sshArgs, sshPort } from '../tasks/lib/node/qemu.ts';
 import { stages } from '../tasks/stages.ts';
 import { consoleLog } from './fixtures/appliance.ts';
 import { buildStandInNode, readNodeReport, standInNodeEnv, type NodeReport, type StandInNode } from './fixtures/standin-node.ts';
-import { clusterWorkspace, loud, runCli, startUpstream, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
+import { clusterWorkspace, freePortBlock, loud, runCli, startUpstream, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-node-'));
 const version = 'v1.35.7';
@@ -48,28 +47,14 @@ test.after(async () => {
   rmSync(work, { recursive: true, force: true });
 });
 
-/** Ports the kernel just handed out as free on 127.0.0.1 (consecutive ones for sshBase): no guessing. */
+/**
+ * The API server port and one SSH port per node, from a block below the kernel's ephemeral
+ * range: ports the kernel hands out (port 0, outgoing connections of tests running beside
+ * this one) would be free now and taken by the time QEMU binds them.
+ */
 async function freePorts(nodes: number): Promise<{ apiServer: number; sshBase: number }> {
-  const listen = (port: number) =>
-    new Promise<Server | undefined>((resolve) => {
-      const server = createServer();
-      server.once('error', () => resolve(undefined));
-      server.listen({ host: '127.0.0.1', port, exclusive: true }, () => resolve(server));
-    });
-  for (;;) {
-    const held: Server[] = [];
-    const first = (await listen(0))!;
-    held.push(first);
-    const base = (first.address() as { port: number }).port;
-    let ok = base + nodes < 65536;
-    for (let i = 1; ok && i <= nodes; i++) {
-      const next = await listen(base + i);
-      if (next) held.push(next);
-      else ok = false;
-    }
-    await Promise.all(held.map((server) => new Promise((r) => server.close(r))));
-    if (ok) return { apiServer: base, sshBase: base + 1 };
-  }
+  const base = await freePortBlock(nodes + 1);
+  return { apiServer: base, sshBase: base + 1 };
 }
 
 function workspace(nodes: string[], ports: { apiServer: number; sshBase: number }): Workspace {
