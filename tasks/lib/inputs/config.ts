@@ -84,6 +84,59 @@ export function goArch(arch: Architecture): 'amd64' | 'arm64' {
   return arch === 'x86_64' ? 'amd64' : 'arm64';
 }
 
+/**
+ * Every key cluster.yaml may hold, as the parser reads it (it takes each mapping's keys
+ * from here, so nothing else can accept a key): a nested object is a mapping, a
+ * one-element array a list of such mappings, `HOST` a key the user chooses (a registry
+ * host). The configuration reference (docs/configuration.md) lists exactly the leaves
+ * of this tree, as `configKeyPaths()` spells them; test/docs.test.ts holds it to that.
+ */
+export const configKeys = {
+  name: true,
+  target: true,
+  openstack: {
+    cloud: true,
+    network: true,
+    flavors: { controlPlane: true, worker: true },
+    availabilityZone: true,
+    adminCidr: true,
+    floatingIp: { network: true, address: true },
+    volumeType: true,
+  },
+  fcos: { stream: true, arch: true, release: true },
+  kubernetes: { version: true },
+  network: { nodeCidr: true, podCidr: true, serviceCidr: true, dnsServers: true },
+  nodes: [{ name: true, role: true, ip: true, cpus: true, memory: true }],
+  hostPorts: { apiServer: true, sshBase: true },
+  sshPublicKeyFile: true,
+  mirrors: {
+    fcos: true,
+    kubernetes: true,
+    github: true,
+    registries: { HOST: { location: true, insecure: true } },
+  },
+  selinux: true,
+} as const satisfies KeyTree & { mirrors: Record<DownloadFamily, true> & { registries: KeyTree } };
+
+interface KeyTree {
+  readonly [key: string]: true | KeyTree | readonly [KeyTree];
+}
+
+/** The keys of one mapping of `configKeys`. */
+function keysOf(tree: KeyTree | readonly [KeyTree]): string[] {
+  return Object.keys(Array.isArray(tree) ? tree[0] : tree);
+}
+
+/** Every leaf of `configKeys` as a path: `fcos.stream`, `nodes[].ip`, `mirrors.registries.HOST.location`. */
+export function configKeyPaths(tree: KeyTree = configKeys, prefix = ''): string[] {
+  return Object.entries(tree).flatMap(([key, value]) => {
+    const path = prefix ? `${prefix}.${key}` : key;
+    if (value === true) return [path];
+    if (Array.isArray(value)) return configKeyPaths((value as readonly [KeyTree])[0], `${path}[]`);
+    return configKeyPaths(value as KeyTree, path);
+  });
+}
+
 export const defaultConfigFile = 'cluster.yaml';
 /** The oldest Kubernetes minor corekube builds: kubeadm v1beta4 configuration arrived in 1.31. */
 export const minimumKubernetesMinor = 31;
@@ -113,24 +166,12 @@ const registryLocation = /^[a-z0-9.-]+(:\d+)?(\/[a-z0-9._/-]+)?$/;
 /** Pure: text in, typed config out. Reads only the SSH public key file it names. */
 export function parseConfig(file: string, text: string, options: { target?: Target } = {}): ClusterConfig {
   const r = new Reader(file);
-  const root = r.object(parseYaml(file, text) ?? {}, '', [
-    'name',
-    'target',
-    'openstack',
-    'fcos',
-    'kubernetes',
-    'network',
-    'nodes',
-    'hostPorts',
-    'sshPublicKeyFile',
-    'mirrors',
-    'selinux',
-  ]);
+  const root = r.object(parseYaml(file, text) ?? {}, '', keysOf(configKeys));
   if (!root) throw new InputError(file, r.problems);
 
   const name = r.string(r.required(root, 'name', '', 'a cluster name'), 'name', 'a DNS label (a-z, 0-9, -)', dnsLabel);
 
-  const fcosIn = root.fcos === undefined ? {} : r.object(root.fcos, 'fcos', ['stream', 'arch', 'release']);
+  const fcosIn = root.fcos === undefined ? {} : r.object(root.fcos, 'fcos', keysOf(configKeys.fcos));
   const stream = r.oneOf(fcosIn?.stream ?? 'stable', 'fcos.stream', fcosStreams);
   const arch = r.oneOf(fcosIn?.arch ?? 'x86_64', 'fcos.arch', architectures);
   const release =
@@ -138,7 +179,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
       ? undefined
       : r.string(fcosIn.release, 'fcos.release', 'an FCOS release like "43.20260802.3.1"', fcosRelease);
 
-  const kubeIn = r.object(r.required(root, 'kubernetes', '', 'a mapping with version'), 'kubernetes', ['version']);
+  const kubeIn = r.object(r.required(root, 'kubernetes', '', 'a mapping with version'), 'kubernetes', keysOf(configKeys.kubernetes));
   const versionText = kubeIn
     ? r.string(
         r.required(kubeIn, 'version', 'kubernetes', 'a Kubernetes version'),
@@ -154,7 +195,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
   }
 
   const netIn =
-    root.network === undefined ? {} : r.object(root.network, 'network', ['nodeCidr', 'podCidr', 'serviceCidr', 'dnsServers']);
+    root.network === undefined ? {} : r.object(root.network, 'network', keysOf(configKeys.network));
   const cidr = (key: string, fallback: string): Cidr | undefined => {
     const value = netIn?.[key] ?? fallback;
     const parsed = typeof value === 'string' ? parseCidr(value) : undefined;
@@ -183,7 +224,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
   const nodes = parseNodes(r, root.nodes, nodeCidr);
   const selinux = r.oneOf(root.selinux ?? 'enforcing', 'selinux', selinuxModes);
 
-  const portsIn = root.hostPorts === undefined ? {} : r.object(root.hostPorts, 'hostPorts', ['apiServer', 'sshBase']);
+  const portsIn = root.hostPorts === undefined ? {} : r.object(root.hostPorts, 'hostPorts', keysOf(configKeys.hostPorts));
   const apiServerPort = r.integer(portsIn?.apiServer ?? 6443, 'hostPorts.apiServer', 1024, 65535);
   const sshBase = r.integer(portsIn?.sshBase ?? 2222, 'hostPorts.sshBase', 1024, 65535 - Math.max(0, nodes.length - 1));
   if (apiServerPort !== undefined && sshBase !== undefined && apiServerPort >= sshBase && apiServerPort < sshBase + nodes.length) {
@@ -264,7 +305,7 @@ function parseNodes(r: Reader, value: unknown, nodeCidr: Cidr | undefined): Node
   const seenIps = new Map<string, number>();
   list.forEach((item, index) => {
     const path = fieldPath('nodes', index);
-    const node = r.object(item, path, ['name', 'role', 'ip', 'cpus', 'memory']);
+    const node = r.object(item, path, keysOf(configKeys.nodes));
     if (!node) return;
     const name = r.string(
       r.required(node, 'name', path, 'a node name'),
@@ -309,7 +350,6 @@ const openstackName = /^[\x21-\x7e][\x20-\x7e]{0,254}$/;
 const secretKeys = /^(password|auth|token|secret|application_credential.*|credentials?)$/i;
 
 function parseOpenstack(r: Reader, value: unknown, nodeCidr: Cidr | undefined): OpenstackConfig | undefined {
-  const keys = ['cloud', 'network', 'flavors', 'availabilityZone', 'adminCidr', 'floatingIp', 'volumeType'];
   if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
     for (const key of Object.keys(value)) {
       if (secretKeys.test(key)) {
@@ -322,7 +362,7 @@ function parseOpenstack(r: Reader, value: unknown, nodeCidr: Cidr | undefined): 
       }
     }
   }
-  const os = r.object(value, 'openstack', keys);
+  const os = r.object(value, 'openstack', keysOf(configKeys.openstack));
   if (!os) return undefined;
   const name = (key: string, what: string): string | undefined =>
     os[key] === undefined ? undefined : r.string(os[key], fieldPath('openstack', key), what, openstackName);
@@ -331,10 +371,7 @@ function parseOpenstack(r: Reader, value: unknown, nodeCidr: Cidr | undefined): 
   const availabilityZone = name('availabilityZone', 'an availability zone name');
   const volumeType = name('volumeType', 'a Cinder volume type name');
 
-  const flavorsIn = r.object(r.required(os, 'flavors', 'openstack', 'a mapping with controlPlane and worker flavor names'), 'openstack.flavors', [
-    'controlPlane',
-    'worker',
-  ]);
+  const flavorsIn = r.object(r.required(os, 'flavors', 'openstack', 'a mapping with controlPlane and worker flavor names'), 'openstack.flavors', keysOf(configKeys.openstack.flavors));
   const flavor = (key: string): string | undefined =>
     flavorsIn ? r.string(r.required(flavorsIn, key, 'openstack.flavors', 'a flavor name'), fieldPath('openstack.flavors', key), 'a flavor name', openstackName) : undefined;
   const controlPlane = flavor('controlPlane');
@@ -351,7 +388,7 @@ function parseOpenstack(r: Reader, value: unknown, nodeCidr: Cidr | undefined): 
 
   let floatingIp: OpenstackConfig['floatingIp'];
   if (os.floatingIp !== undefined) {
-    const fip = r.object(os.floatingIp, 'openstack.floatingIp', ['network', 'address']);
+    const fip = r.object(os.floatingIp, 'openstack.floatingIp', keysOf(configKeys.openstack.floatingIp));
     if (fip) {
       const fipNetwork = r.string(r.required(fip, 'network', 'openstack.floatingIp', 'the external network to take it from'), 'openstack.floatingIp.network', 'an external network name', openstackName);
       let address: string | undefined;
@@ -422,7 +459,7 @@ function parseMirrors(r: Reader, value: unknown): ClusterConfig['mirrors'] {
   const downloads: Record<DownloadFamily, string> = { ...upstreamBases };
   const registries: Record<string, RegistryMirror> = {};
   if (value === undefined || value === null) return { downloads, registries };
-  const mirrors = r.object(value, 'mirrors', [...(Object.keys(upstreamBases) as DownloadFamily[]), 'registries']);
+  const mirrors = r.object(value, 'mirrors', keysOf(configKeys.mirrors));
   if (!mirrors) return { downloads, registries };
   for (const family of Object.keys(upstreamBases) as DownloadFamily[]) {
     if (mirrors[family] === undefined) continue;
@@ -440,7 +477,7 @@ function parseMirrors(r: Reader, value: unknown): ClusterConfig['mirrors'] {
     for (const [host, entry] of Object.entries(map ?? {})) {
       const path = fieldPath('mirrors.registries', host);
       if (!registryHost.test(host)) r.problem(path, 'a registry host name like "registry.k8s.io"', `key "${host}"`);
-      const fields = r.object(entry, path, ['location', 'insecure']);
+      const fields = r.object(entry, path, keysOf(configKeys.mirrors.registries.HOST));
       if (!fields) continue;
       const location = r.string(
         r.required(fields, 'location', path, 'host[:port][/path]'),
