@@ -12,6 +12,10 @@ NPM_STAMP := node_modules/.package-lock.json
 flag = $(if $(filter-out 0 false,$($(1))),$(2))
 CLI = node tasks/cli.ts $(call flag,OFFLINE,--offline) $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,ONLY,--only) $(if $(TARGET),--target $(TARGET))
 
+# Read by the CLI and the tests from the environment (make hands command-line variables
+# on to them); docs/tasks.md says what each does, and test/docs.test.ts that each is read.
+ENV_VARIABLES := CONFIG LOCK JOBS VERIFY_TIMEOUT DOWN_TIMEOUT COREKUBE_ACCEL BUTANE COREKUBE_HTTP_RETRIES COREKUBE_STALL_TIMEOUT TEST_FILE_TIMEOUT TEST_JOBS
+
 # The stages, as in tasks/stages.ts.
 STAGES := pin fetch images pki disk ignition boot verify
 
@@ -39,6 +43,7 @@ help:
 	@echo "make clean-pki    remove the cluster CA too: the next build makes a new one"
 	@echo "make distclean    remove out/, cache/ and node_modules/"
 	@echo "variables: CONFIG=cluster.yaml LOCK=corekube.lock.yaml OFFLINE=1 DRY_RUN=1 FORCE=1 ONLY=1 JOBS=4 TARGET=qemu|openstack PURGE=1 (down, openstack: the images too)"
+	@echo "read from the environment too: $(ENV_VARIABLES) (docs/tasks.md)"
 
 # A fresh clone installs its npm dependencies on first use, and again when the lock changes.
 $(NPM_STAMP): package.json package-lock.json
