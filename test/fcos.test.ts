@@ -1,4 +1,4 @@
-// Fedora CoreOS specifics (README: "Fedora CoreOS specifics"): what a real FCOS node needs
+// Fedora CoreOS specifics (docs/fcos.md): what a real FCOS node needs
 // that a generic Linux would not (enforcing SELinux, a read-only /usr, kubeadm join's
 // preflight, flannel on a two-NIC node, DNS with no upstream). Each fix is asserted on
 // what the pipeline writes: the kubeadm configuration and patches parsed as kubeadm

@@ -10,7 +10,7 @@ import { cidrContains, cidrsOverlap, isHostAddress, parseCidr, parseIPv4, type C
 export const fcosStreams = ['stable', 'testing', 'next'] as const;
 export const architectures = ['x86_64', 'aarch64'] as const;
 export const nodeRoles = ['control-plane', 'worker'] as const;
-/** FCOS boots enforcing; `permissive` is the documented escape hatch (README: Fedora CoreOS specifics). */
+/** FCOS boots enforcing; `permissive` is the documented escape hatch (docs/fcos.md). */
 export const selinuxModes = ['enforcing', 'permissive'] as const;
 export type SelinuxMode = (typeof selinuxModes)[number];
 /** Where the nodes run: local QEMU VMs (the default) or servers on an OpenStack cloud. */
