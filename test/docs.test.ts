@@ -320,6 +320,9 @@ test('every make target and variable the docs name exists in the Makefile', () =
   for (const expected of ['cluster', 'pin', 'verify', 'bundle', 'unbundle', 'fsck', 'test', 'clean-pki']) {
     assert.ok(makefile.targets.has(expected), `the Makefile parser missed the target ${expected}`);
   }
+  const small = readMakefile('STAGES := pin fetch\n.PHONY: $(STAGES) x\n$(STAGES): dep\n\t$(CLI) $(call flag,OFFLINE,--offline)\nx: ; @:\nENV_VARIABLES := CONFIG\n');
+  assert.equal([...small.targets].sort(), ['pin', 'fetch', 'x'].sort());
+  assert.equal([...small.variables].sort(), ['CLI', 'CONFIG', 'ENV_VARIABLES', 'OFFLINE', 'STAGES']);
   const problems: string[] = [];
   let uses = 0;
   for (const file of pages) {
