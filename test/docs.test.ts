@@ -32,6 +32,10 @@ interface Page {
   file: string;
   /** The page's lines with fenced blocks blanked out (prose, headings, tables). */
   prose: string[];
+  /** The same with inline code spans blanked too (a span may run over a line break). */
+  plain: string[];
+  /** Inline code spans, with the line each starts on. */
+  spans: { text: string; line: number }[];
   blocks: CodeBlock[];
 }
 
@@ -58,17 +62,19 @@ function readPage(file: string, text = readFileSync(join(root, file), 'utf8')): 
     }
   });
   assert.not.ok(open, `${file}: a code block opened at line ${open?.line} is never closed`);
-  return { file, prose, blocks };
+  const spans: Page['spans'] = [];
+  const joined = prose.join('\n');
+  // A code span: matching runs of backticks, within one paragraph (no blank line inside).
+  const plain = joined.replace(/(`+)((?:(?!\n\s*\n)[^`]|(?!\1)`+)+?)\1(?!`)/g, (whole: string, _ticks: string, body: string, offset: number) => {
+    spans.push({ text: body.replace(/\s+/g, ' ').trim(), line: joined.slice(0, offset).split('\n').length });
+    return whole.replace(/[^\n]/g, ' ');
+  });
+  return { file, prose, plain: plain.split('\n'), spans, blocks };
 }
 
-/** The text of inline code spans on a line, and the line with them blanked. */
-function codeSpans(line: string): { spans: string[]; rest: string } {
-  const spans: string[] = [];
-  const rest = line.replace(/(`+)(.+?)\1/g, (_, _ticks: string, body: string) => {
-    spans.push(body.trim());
-    return ' '.repeat(body.length + 2);
-  });
-  return { spans, rest };
+/** The text of inline code spans within one line (a table cell). */
+function codeSpans(line: string): string[] {
+  return [...line.matchAll(/(`+)(.+?)\1/g)].map((match) => match[2]!.trim());
 }
 
 /**
@@ -105,9 +111,8 @@ function anchorsOf(page: Page): Set<string> {
 /** Every relative link (and image) in a page's prose that does not resolve, as "file:line: target (why)". */
 export function brokenLinks(page: Page, readOther: (file: string) => Page | undefined): string[] {
   const broken: string[] = [];
-  page.prose.forEach((line, index) => {
-    const { rest } = codeSpans(line);
-    for (const match of rest.matchAll(/!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)/g)) {
+  page.plain.forEach((line, index) => {
+    for (const match of line.matchAll(/!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)/g)) {
       const target = match[1]!;
       if (/^[a-z][a-z0-9+.-]*:/i.test(target)) continue; // https:, mailto:
       const where = `${page.file}:${index + 1}: ${target}`;
@@ -169,11 +174,9 @@ function makeUses(page: Page): MakeUse[] {
       }
     });
   }
-  page.prose.forEach((line, index) => {
-    for (const span of codeSpans(line).spans) {
-      if (/^make(\s|$)/.test(span)) parse(span, `${page.file}:${index + 1}`);
-    }
-  });
+  for (const span of page.spans) {
+    if (/^make(\s|$)/.test(span.text)) parse(span.text, `${page.file}:${span.line}`);
+  }
   return uses;
 }
 
@@ -183,7 +186,7 @@ function tableVariables(page: Page): { where: string; name: string }[] {
   page.prose.forEach((line, index) => {
     if (!line.startsWith('|')) return;
     const first = line.split(/(?<!\\)\|/)[1] ?? '';
-    for (const span of codeSpans(first).spans) {
+    for (const span of codeSpans(first)) {
       const variable = /^([A-Z][A-Z0-9_]*)=/.exec(span);
       if (variable) found.push({ where: `${page.file}:${index + 1}`, name: variable[1]! });
     }
@@ -232,7 +235,7 @@ export function referenceKeys(page: Page): string[] {
   for (const line of page.prose) {
     if (/^\|\s*key\s*\|/.test(line)) inTable = true;
     else if (!line.startsWith('|')) inTable = false;
-    else if (inTable && !/^\|\s*-/.test(line)) keys.push(...codeSpans(line.split(/(?<!\\)\|/)[1] ?? '').spans);
+    else if (inTable && !/^\|\s*-/.test(line)) keys.push(...codeSpans(line.split(/(?<!\\)\|/)[1] ?? ''));
   }
   return keys;
 }
