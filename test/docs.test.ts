@@ -275,6 +275,12 @@ test('every relative link and #anchor in README.md and docs/ resolves', () => {
   );
 });
 
+test('every page in docs/ is linked from README.md', () => {
+  const linked = new Set([...page('README.md')!.plain.join('\n').matchAll(/\]\((docs\/[^)#\s]+)/g)].map((match) => match[1]!));
+  const orphans = pages.filter((file) => file.startsWith('docs/') && !linked.has(file));
+  assert.equal(orphans, [], `not linked from README.md: ${orphans.join(', ')}`);
+});
+
 test('every cluster.yaml example is accepted by the real config loader', () => {
   const home = mkdtempSync(join(tmpdir(), 'corekube-docs-'));
   const savedHome = process.env.HOME;
