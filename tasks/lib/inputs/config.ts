@@ -308,7 +308,7 @@ function parseNodes(r: Reader, value: unknown, nodeCidr: Cidr | undefined): Node
   });
   const controlPlanes = list.filter((n) => (n as { role?: unknown } | null)?.role === 'control-plane').length;
   if (!supportedControlPlanes.includes(controlPlanes)) {
-    r.problem('nodes', controlPlaneCountExpected(controlPlanes), `${controlPlanes} node(s) with role "control-plane"`);
+    r.problem('nodes', controlPlaneCountExpected(controlPlanes), controlPlanes === 0 ? 'none' : `${controlPlanes} nodes with role "control-plane"`);
   }
   return nodes;
 }
@@ -355,6 +355,7 @@ function parseControlPlane(r: Reader, value: unknown, nodes: NodeConfig[], range
   if (nodeCidr && !isHostAddress(nodeCidr, ip)) {
     return r.problem('controlPlane.endpoint', `a host address inside network.nodeCidr (${nodeCidr.text}): kube-vip answers ARP for it on the cluster network`, found);
   }
+  // Already outside them when network.* is valid (the ranges may not overlap); said here in case they do.
   const clash = ranges.find(([key, cidr]) => key !== 'nodeCidr' && cidr && cidrContains(cidr, ip));
   if (clash) return r.problem('controlPlane.endpoint', `an address outside network.${clash[0]} (${clash[1]!.text})`, found);
   const owner = nodes.find((n) => n.ip === text);
