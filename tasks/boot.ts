@@ -1,7 +1,8 @@
 // boot: one QEMU process per node (FCOS with -snapshot, Ignition on fw_cfg, the image
 // disk read-only), a userspace switch (vde_switch) for the cluster network, no root, no
 // host bridge, nothing reachable off this machine. `down` stops it all; `ssh` logs in.
-import { existsSync, readFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { createConnection, createServer } from 'node:net';
 import { join } from 'node:path';
@@ -10,7 +11,7 @@ import { UserError } from './lib/errors.ts';
 import { artifactOutput } from './fetch.ts';
 import { diskOutput } from './disk.ts';
 import { ignitionDir } from './ignition.ts';
-import { bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './lib/node/qemu.ts';
+import { apiForwardLog, apiForwardPidFile, apiServerHostPort, bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './lib/node/qemu.ts';
 import type { RunContext, Stage } from './lib/run/stage.ts';
 import { indentTail, runTool, ToolError } from './lib/run/tool.ts';
 
@@ -60,8 +61,9 @@ export const bootStage: Stage = {
   },
   /** Nodes that stopped (powered off, crashed, killed) are booted again. */
   expired(ctx) {
-    const stopped = ctx.config.nodes.filter((node) => !runningQemu(pathsFor(ctx, node).pid));
-    return stopped.length > 0 ? `not running: ${stopped.map((n) => n.name).join(', ')}` : undefined;
+    const stopped = ctx.config.nodes.filter((node) => !runningQemu(pathsFor(ctx, node).pid)).map((n) => n.name);
+    if (ctx.config.controlPlane?.virtualIp && !runningApiForward(ctx.settings.outDir)) stopped.push('the API server forwarder');
+    return stopped.length > 0 ? `not running: ${stopped.join(', ')}` : undefined;
   },
   outputs(ctx) {
     return ctx.config.nodes.map((node) => join(runDir, `${node.name}.pid`));
@@ -70,6 +72,12 @@ export const bootStage: Stage = {
     const { config } = ctx;
     const { outDir } = ctx.settings;
     const running = config.nodes.filter((node) => runningQemu(pathsFor(ctx, node).pid));
+    if (running.length === config.nodes.length && config.controlPlane?.virtualIp && !runningApiForward(outDir)) {
+      // Only the forwarder stopped: the nodes keep running, the host gets its way back in.
+      task.output = 'starting the API server forwarder on 127.0.0.1';
+      await startApiForward(ctx);
+      return;
+    }
     if (running.length > 0) {
       // Inputs changed (or some nodes stopped) while others run: a node must never run
       // from an older build next to newer ones.
@@ -120,6 +128,10 @@ export const bootStage: Stage = {
           await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
         }
       }
+      if (config.controlPlane?.virtualIp) {
+        task.output = 'starting the API server forwarder on 127.0.0.1';
+        await startApiForward(ctx);
+      }
     } catch (error) {
       await stopCluster(outDir, { timeoutMs: 0 });
       throw error;
@@ -127,6 +139,45 @@ export const bootStage: Stage = {
     task.output = `${config.nodes.length} node(s) booting; consoles in out/${logsDir}/`;
   },
 };
+
+/**
+ * Three control planes: out/kubeconfig's 127.0.0.1:hostPorts.apiServer is a forwarder to
+ * whichever control plane answers (tasks/lib/node/api-forward.ts), a detached Node
+ * process with its pid file in out/run and its log in out/logs; `make down` stops it.
+ */
+async function startApiForward(ctx: RunContext): Promise<void> {
+  const { outDir } = ctx.settings;
+  const pidFile = join(outDir, apiForwardPidFile);
+  const backends = ctx.config.nodes.filter((n) => n.role === 'control-plane').map((n) => String(apiServerHostPort(ctx.config, n)));
+  const log = openSync(join(outDir, apiForwardLog), 'a');
+  try {
+    const child = spawn(process.execPath, [join(import.meta.dirname, 'lib', 'node', 'api-forward.ts'), pidFile, String(ctx.config.hostPorts.apiServer), ...backends], {
+      detached: true,
+      stdio: ['ignore', log, log],
+    });
+    const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+    child.unref();
+    const deadline = Date.now() + 10_000;
+    while (!existsSync(pidFile)) {
+      const code = await Promise.race([exited, new Promise((r) => setTimeout(r, 20, 'running'))]);
+      if (code !== 'running') throw new UserError(`the API server forwarder stopped (exit ${code}): see out/${apiForwardLog}`);
+      if (Date.now() > deadline) throw new UserError(`the API server forwarder did not listen on 127.0.0.1:${ctx.config.hostPorts.apiServer} within 10 s: see out/${apiForwardLog}`);
+    }
+  } finally {
+    closeSync(log);
+  }
+}
+
+/** The forwarder's pid, if it runs (checked against its command line, not a recycled pid). */
+export function runningApiForward(outDir: string): number | undefined {
+  const pid = readPid(join(outDir, apiForwardPidFile));
+  if (!pid) return undefined;
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('api-forward.ts') ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 /** KVM when usable, unless COREKUBE_ACCEL says otherwise (kvm: fail rather than emulate). */
 export function chooseAccelerator(env = process.env): Accelerator {
@@ -250,6 +301,11 @@ export async function stopCluster(outDir: string, options: { timeoutMs: number }
     } else {
       report.poweredOff.push(n.name);
     }
+  }
+  const forwarder = runningApiForward(outDir);
+  if (forwarder) {
+    process.kill(forwarder, 'SIGTERM');
+    while (processRunning(forwarder)) await new Promise((r) => setTimeout(r, 20));
   }
   const switchPid = readPid(join(outDir, switchPidFile));
   if (switchPid && processRunning(switchPid) && readFileSync(`/proc/${switchPid}/cmdline`, 'utf8').includes('vde_switch')) {

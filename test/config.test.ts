@@ -75,6 +75,13 @@ test('three control planes behind controlPlane.endpoint; one control plane is it
   assert.equal(parseConfig(configFile, valid).controlPlane, { endpoint: '10.77.0.10', virtualIp: false });
 });
 
+test('three control planes: the API server ports (the forwarder, one per control plane) stay clear of the SSH ports', () => {
+  assert.equal(parseConfig(configFile, ha).hostPorts, { apiServer: 6443, sshBase: 2222 });
+  const clash = problemAt(`${ha}hostPorts: {apiServer: 2219}\n`, 'hostPorts.apiServer');
+  assert.match(clash.expected, /a port \(with the ports 2220-2222 above it, one per control plane\) outside the SSH ports 2222-2225/);
+  assert.is(parseConfig(configFile, `${ha}hostPorts: {apiServer: 2218}\n`).hostPorts.apiServer, 2218);
+});
+
 test('1 or 3 control planes: 2 and 4 are refused, saying why (etcd quorum)', () => {
   const two = ha.replace('  - {name: cp3, role: control-plane, ip: 10.77.0.12}\n', '');
   const p2 = problemAt(two, 'nodes');

@@ -194,8 +194,14 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
   const portsIn = root.hostPorts === undefined ? {} : r.object(root.hostPorts, 'hostPorts', ['apiServer', 'sshBase']);
   const apiServerPort = r.integer(portsIn?.apiServer ?? 6443, 'hostPorts.apiServer', 1024, 65535);
   const sshBase = r.integer(portsIn?.sshBase ?? 2222, 'hostPorts.sshBase', 1024, 65535 - Math.max(0, nodes.length - 1));
-  if (apiServerPort !== undefined && sshBase !== undefined && apiServerPort >= sshBase && apiServerPort < sshBase + nodes.length) {
-    r.problem('hostPorts.apiServer', `a port outside the SSH ports ${sshBase}-${sshBase + nodes.length - 1}`, String(apiServerPort));
+  // With three control planes the API server takes apiServer and one port per control plane above it.
+  const apiPorts = controlPlane?.virtualIp ? 1 + nodes.filter((n) => n.role === 'control-plane').length : 1;
+  if (apiServerPort !== undefined && apiServerPort + apiPorts - 1 > 65535) {
+    r.problem('hostPorts.apiServer', `a port at most ${65536 - apiPorts} (the ${apiPorts - 1} control planes take the ports above it)`, String(apiServerPort));
+  }
+  if (apiServerPort !== undefined && sshBase !== undefined && apiServerPort < sshBase + nodes.length && sshBase < apiServerPort + apiPorts) {
+    const taken = apiPorts > 1 ? ` (with the ports ${apiServerPort + 1}-${apiServerPort + apiPorts - 1} above it, one per control plane)` : '';
+    r.problem('hostPorts.apiServer', `a port${taken} outside the SSH ports ${sshBase}-${sshBase + nodes.length - 1}`, String(apiServerPort));
   }
 
   const keyPath = r.string(
