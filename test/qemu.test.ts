@@ -53,6 +53,32 @@ test('a node boots FCOS with -snapshot, Ignition on fw_cfg, the image disk read-
   assert.not.ok(args.includes('-kernel'));
 });
 
+test('three control planes: each publishes its API server on a port of its own above hostPorts.apiServer, where the forwarder listens', () => {
+  const file = join(work, 'ha.yaml');
+  writeFileSync(file, [
+    'name: demo',
+    'kubernetes: {version: v1.35.7}',
+    'nodes:',
+    '  - {name: cp1, role: control-plane, ip: 10.77.0.10}',
+    '  - {name: cp2, role: control-plane, ip: 10.77.0.11}',
+    '  - {name: w1, role: worker, ip: 10.77.0.21, memory: 2GiB}',
+    '  - {name: cp3, role: control-plane, ip: 10.77.0.12}',
+    'controlPlane: {endpoint: 10.77.0.5}',
+    'hostPorts: {apiServer: 16443, sshBase: 12222}',
+    'sshPublicKeyFile: key.pub',
+    '',
+  ].join('\n'));
+  const ha = loadConfig(file);
+  const host = (name: string) => option(qemuArgs({ config: ha, node: ha.nodes.find((n) => n.name === name)!, paths: paths(ha.nodes.find((n) => n.name === name)!), accel: 'tcg' }), '-netdev')[1];
+  assert.is(host('cp1'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12222-:22,hostfwd=tcp:127.0.0.1:16444-:6443');
+  assert.is(host('cp2'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12223-:22,hostfwd=tcp:127.0.0.1:16445-:6443');
+  assert.is(host('cp3'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12225-:22,hostfwd=tcp:127.0.0.1:16446-:6443');
+  assert.is(host('w1'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12224-:22');
+  const ports = publishedPorts(ha);
+  assert.equal(ports.map((p) => p.port), [16443, 16444, 16445, 16446, 12222, 12223, 12224, 12225]);
+  assert.match(ports[0]!.what, /forwarded to a live control plane of cp1, cp2, cp3/);
+});
+
 test('networking: the cluster NIC on the switch, the host NIC restricted with SSH (and on the control plane the API server) on 127.0.0.1 only', () => {
   const cpArgs = qemuArgs({ config, node: cp1, paths: paths(cp1), accel: 'tcg' });
   const netdevs = option(cpArgs, '-netdev');
