@@ -11,7 +11,7 @@ import { loadConfig } from '../tasks/lib/inputs/config.ts';
 import { parseLock } from '../tasks/lib/inputs/lock.ts';
 import { macAddress } from '../tasks/lib/node/node-config.ts';
 import { nodePaths, publishedPorts, qemuArgs, socketDir, sshArgs, sshPort } from '../tasks/lib/node/qemu.ts';
-import { judgeNodes, judgeSystemPods, smokePod } from '../tasks/verify.ts';
+import { judgeEtcd, judgeNodes, judgeSystemPods, judgeVirtualIp, smokePod } from '../tasks/verify.ts';
 import { freePortBlock } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-qemu-'));
@@ -174,6 +174,16 @@ test('verify: nodes must all be registered and Ready; kube-system pods Running',
   assert.is(judgeSystemPods({ items: [] }).ok, false);
   const pods = judgeSystemPods({ items: [{ metadata: { name: 'etcd-cp1' }, status: { phase: 'Running' } }, { metadata: { name: 'coredns-1' }, spec: { nodeName: 'w1' }, status: { phase: 'Pending' } }] });
   assert.equal(pods, { name: 'kube-system pods', ok: false, detail: 'coredns-1 Pending on w1', node: 'w1' });
+});
+
+test('verify, three control planes: an etcd member Ready on each, and a control plane holding the virtual IP', () => {
+  const ha = { ...config, nodes: [{ ...cp1 }, { ...cp1, name: 'cp2', ip: '10.77.0.11' }, { ...cp1, name: 'cp3', ip: '10.77.0.12' }, w1], controlPlane: { endpoint: '10.77.0.5', virtualIp: true } };
+  const etcd = (name: string, ready = 'True', phase = 'Running') => ({ metadata: { name: `etcd-${name}` }, status: { phase, conditions: [{ type: 'Ready', status: ready }] } });
+  assert.equal(judgeEtcd(ha, { items: [etcd('cp1'), etcd('cp2'), etcd('cp3')] }), { name: 'etcd members', ok: true, detail: '3 of 3 healthy' });
+  assert.equal(judgeEtcd(ha, { items: [etcd('cp1'), etcd('cp2', 'False')] }), { name: 'etcd members', ok: false, detail: 'not healthy: etcd-cp2, etcd-cp3', node: 'cp2' });
+  assert.equal(judgeVirtualIp(ha, { spec: { holderIdentity: 'cp3' } }), { name: 'virtual IP', ok: true, detail: '10.77.0.5 held by cp3' });
+  assert.equal(judgeVirtualIp(ha, undefined).ok, false);
+  assert.match(judgeVirtualIp(ha, { spec: { holderIdentity: 'w1' } }).detail, /no control plane holds kube-vip's lease plndr-cp-lock \(holder: w1\)/);
 });
 
 test('verify: the smoke pod runs the layout pause image, never pulled, on a worker, within the restricted Pod Security level', () => {
