@@ -2,7 +2,8 @@
 // disk read-only), a userspace switch (vde_switch) for the cluster network, no root, no
 // host bridge, nothing reachable off this machine. `down` stops it all; `ssh` logs in.
 import { spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, openSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { createConnection, createServer } from 'node:net';
 import { join } from 'node:path';
@@ -72,17 +73,29 @@ export const bootStage: Stage = {
     const { config } = ctx;
     const { outDir } = ctx.settings;
     const running = config.nodes.filter((node) => runningQemu(pathsFor(ctx, node).pid));
-    if (running.length === config.nodes.length && config.controlPlane?.virtualIp && !runningApiForward(outDir)) {
-      // Only the forwarder stopped: the nodes keep running, the host gets its way back in.
-      task.output = 'starting the API server forwarder on 127.0.0.1';
-      await startApiForward(ctx);
-      return;
-    }
     if (running.length > 0) {
-      // Inputs changed (or some nodes stopped) while others run: a node must never run
-      // from an older build next to newer ones.
+      // A node must never run from an older build next to newer ones. Nodes that stopped
+      // (powered off, or rebooted: QEMU runs with -no-reboot) beside others of the same
+      // build start again, blank: with three control planes that is how one rejoins.
+      const changed = running.filter((node) => recordedBuild(ctx, node) !== nodeBuild(ctx, node));
+      const stopped = config.nodes.filter((node) => !running.includes(node));
+      const switchPid = readPid(join(outDir, switchPidFile));
+      if (changed.length === 0 && switchPid && processRunning(switchPid)) {
+        let accel = chooseAccelerator();
+        for (const node of stopped) {
+          task.output = `starting ${node.name} again (${accel}), beside ${running.map((n) => n.name).join(', ')}`;
+          accel = await startNode(ctx, node, accel);
+        }
+        if (config.controlPlane?.virtualIp && !runningApiForward(outDir)) {
+          task.output = 'starting the API server forwarder on 127.0.0.1';
+          await startApiForward(ctx);
+        }
+        task.output = stopped.length > 0 ? `${stopped.map((n) => n.name).join(', ')} booting again; consoles in out/${logsDir}/` : 'the forwarder runs again';
+        return;
+      }
       throw new UserError(
-        `${running.map((n) => n.name).join(', ')} ${running.length === 1 ? 'is' : 'are'} still running from an earlier boot. ` +
+        `${running.map((n) => n.name).join(', ')} ${running.length === 1 ? 'is' : 'are'} still running from an earlier boot` +
+          `${changed.length > 0 ? ` (${changed.map((n) => n.name).join(', ')} from an older build)` : ''}. ` +
           'Stop the cluster first (make down), then make boot: every boot is a first boot.',
       );
     }
@@ -115,18 +128,7 @@ export const bootStage: Stage = {
     try {
       for (const node of config.nodes) {
         task.output = `starting ${node.name} (${accel})`;
-        const paths = pathsFor(ctx, node);
-        await rm(paths.log, { force: true });
-        try {
-          await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
-        } catch (error) {
-          // /dev/kvm can be there and still fail (nested virtualization without the MSRs
-          // QEMU needs): unless KVM was asked for, fall back to TCG for every node.
-          if (accel !== 'kvm' || process.env.COREKUBE_ACCEL === 'kvm' || !/kvm/i.test((error as Error).message)) throw error;
-          accel = 'tcg';
-          warnTcg(`KVM failed: ${(error as Error).message.split('\n')[1]?.trim() ?? 'see above'}`);
-          await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
-        }
+        accel = await startNode(ctx, node, accel);
       }
       if (config.controlPlane?.virtualIp) {
         task.output = 'starting the API server forwarder on 127.0.0.1';
@@ -139,6 +141,55 @@ export const bootStage: Stage = {
     task.output = `${config.nodes.length} node(s) booting; consoles in out/${logsDir}/`;
   },
 };
+
+/** One node's QEMU; returns the accelerator the next node should use (TCG once KVM failed). */
+async function startNode(ctx: RunContext, node: NodeConfig, accel: Accelerator): Promise<Accelerator> {
+  const { config } = ctx;
+  const standIn = standInFromEnv();
+  const paths = pathsFor(ctx, node);
+  await rm(paths.log, { force: true });
+  await writeFile(buildFile(ctx, node), `${nodeBuild(ctx, node)}\n`);
+  try {
+    await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
+    return accel;
+  } catch (error) {
+    // /dev/kvm can be there and still fail (nested virtualization without the MSRs
+    // QEMU needs): unless KVM was asked for, fall back to TCG for every node.
+    if (accel !== 'kvm' || process.env.COREKUBE_ACCEL === 'kvm' || !/kvm/i.test((error as Error).message)) throw error;
+    warnTcg(`KVM failed: ${(error as Error).message.split('\n')[1]?.trim() ?? 'see above'}`);
+    await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel: 'tcg', standIn }), `QEMU for ${node.name}`, ctx.signal);
+    return 'tcg';
+  }
+}
+
+function buildFile(ctx: RunContext, node: NodeConfig): string {
+  return join(ctx.settings.outDir, runDir, `${node.name}.build`);
+}
+
+/** What a running node was started from (its Ignition config, the disks, its QEMU settings), as one digest. */
+export function nodeBuild(ctx: RunContext, node: NodeConfig): string {
+  const paths = pathsFor(ctx, node);
+  const identity = (file: string) => {
+    try {
+      const info = statSync(file);
+      return `${info.size}:${Math.trunc(info.mtimeMs)}:${info.ino}`;
+    } catch {
+      return 'missing';
+    }
+  };
+  const ignition = existsSync(paths.ignition) ? createHash('sha256').update(readFileSync(paths.ignition)).digest('hex') : 'missing';
+  return createHash('sha256')
+    .update(JSON.stringify({ node, ports: ctx.config.hostPorts, controlPlane: ctx.config.controlPlane, ignition, disk: identity(paths.disk), image: identity(paths.image), standIn: standInFromEnv() ?? null }))
+    .digest('hex');
+}
+
+function recordedBuild(ctx: RunContext, node: NodeConfig): string | undefined {
+  try {
+    return readFileSync(buildFile(ctx, node), 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
 
 /**
  * Three control planes: out/kubeconfig's 127.0.0.1:hostPorts.apiServer is a forwarder to
