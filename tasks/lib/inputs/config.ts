@@ -229,6 +229,12 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
     );
   }
 
+  if (target === 'openstack' && controlPlane?.virtualIp) {
+    // Neutron's port security drops traffic for an address the port does not own: the
+    // virtual IP needs an allowed-address pair on each control plane's port, not made yet.
+    r.problem('controlPlane.endpoint', 'one control plane on target openstack (three behind a virtual IP run on qemu only, for now)', JSON.stringify(controlPlane.endpoint));
+  }
+
   r.check();
   return {
     file,
