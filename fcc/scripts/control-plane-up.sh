@@ -163,7 +163,7 @@ main() {
 
   # After init, kube-vip leaves super-admin.conf (system:masters) for admin.conf, whose
   # group init has now bound to cluster-admin; the kubelet restarts it with the new file.
-  if [ "${COREKUBE_VIRTUAL_IP:-no}" = yes ] && ! cmp -s "$etc/kube-vip/join.yaml" "$manifests/kube-vip.yaml"; then
+  if [ "${COREKUBE_VIRTUAL_IP:-no}" = yes ] && [ "$(cat "$etc/kube-vip/join.yaml")" != "$(cat "$manifests/kube-vip.yaml" 2>/dev/null)" ]; then
     install_vip join
   fi
 
