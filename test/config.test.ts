@@ -321,4 +321,11 @@ test('openstack: a password in cluster.yaml is refused, pointing at clouds.yaml'
 });
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
+test('three control planes on target openstack are refused for now (the virtual IP needs allowed-address pairs)', () => {
+  const hit = problemAt(`${ha}${openstackSection}`, 'controlPlane.endpoint');
+  assert.match(hit.expected, /one control plane on target openstack/);
+  assert.is(hit.found, '"10.77.0.5"');
+  assert.is(parseConfig(configFile, `${valid}${openstackSection}`).controlPlane.virtualIp, false);
+});
+
 test.run();
