@@ -31,13 +31,16 @@ admin=/etc/kubernetes/admin.conf
 kubectl=(/usr/local/bin/kubectl --kubeconfig "$admin")
 # How long the initializer looks for an existing cluster before it makes a new one.
 look=${COREKUBE_LOOK_SECONDS:-30}
+# kubeadm's ports (the tests reach their own servers elsewhere).
+api_port=${COREKUBE_API_PORT:-6443}
+etcd_port=${COREKUBE_ETCD_PORT:-2379}
 
 log() { echo "corekube: $*" >&2; }
 
 # Does an API server of this cluster answer at ADDRESS? TLS checked against the cluster
 # CA; any HTTP answer counts (/livez may be refused to anonymous users).
 api_answers() {
-  curl --silent --output /dev/null --max-time 5 --cacert "$pki/ca.crt" "https://$1:6443/livez"
+  curl --silent --output /dev/null --max-time 5 --cacert "$pki/ca.crt" "https://$1:$api_port/livez"
 }
 
 # The other control planes' addresses, from COREKUBE_CONTROL_PLANES ("name=ip ...").
@@ -73,7 +76,7 @@ member_id_for() {
 etcd_call() {
   curl --silent --show-error --fail --max-time 10 \
     --cacert "$pki/etcd/ca.crt" --cert "$pki/etcd/healthcheck-client.crt" --key "$pki/etcd/healthcheck-client.key" \
-    -X POST --data "$2" "https://$1:2379/v3/cluster/member/$3"
+    -X POST --data "$2" "https://$1:$etcd_port/v3/cluster/member/$3"
 }
 
 # Removes this node's etcd member from before its reboot, through the first peer that
