@@ -65,9 +65,9 @@ live_api() {
 
 # The member ID (decimal) whose first peer URL is $2, in etcd's JSON member list $1 (the
 # gRPC gateway's /v3/cluster/member/list answer: {"header":…,"members":[{"ID":"…",
-# "name":"…","peerURLs":["…"],…},…]}); empty when there is none.
+# "name":"…","peerURLs":["…"],…},…]}); empty (and success) when there is none.
 member_id_for() {
-  printf '%s' "$1" | tr -d '\n' | sed 's/},{/}\n{/g' | grep -F "\"peerURLs\":[\"$2\"" |
+  printf '%s' "$1" | tr -d '\n' | sed 's/},{/}\n{/g' | { grep -F "\"peerURLs\":[\"$2\"" || true; } |
     sed -n 's/.*"ID":"\{0,1\}\([0-9][0-9]*\)"\{0,1\}.*/\1/p' | head -n 1
 }
 
