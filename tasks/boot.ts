@@ -77,7 +77,8 @@ export const bootStage: Stage = {
       // A node must never run from an older build next to newer ones. Nodes that stopped
       // (powered off, or rebooted: QEMU runs with -no-reboot) beside others of the same
       // build start again, blank: with three control planes that is how one rejoins.
-      const changed = running.filter((node) => recordedBuild(ctx, node) !== nodeBuild(ctx, node));
+      // Every node, running or not, must still be what it was started from.
+      const changed = config.nodes.filter((node) => recordedBuild(ctx, node) !== nodeBuild(ctx, node));
       const stopped = config.nodes.filter((node) => !running.includes(node));
       const switchPid = readPid(join(outDir, switchPidFile));
       if (changed.length === 0 && switchPid && processRunning(switchPid)) {
@@ -95,7 +96,7 @@ export const bootStage: Stage = {
       }
       throw new UserError(
         `${running.map((n) => n.name).join(', ')} ${running.length === 1 ? 'is' : 'are'} still running from an earlier boot` +
-          `${changed.length > 0 ? ` (${changed.map((n) => n.name).join(', ')} from an older build)` : ''}. ` +
+          `${changed.length > 0 ? ` (the build changed for ${changed.map((n) => n.name).join(', ')})` : ''}. ` +
           'Stop the cluster first (make down), then make boot: every boot is a first boot.',
       );
     }
