@@ -1,7 +1,9 @@
 // boot: one QEMU process per node (FCOS with -snapshot, Ignition on fw_cfg, the image
 // disk read-only), a userspace switch (vde_switch) for the cluster network, no root, no
 // host bridge, nothing reachable off this machine. `down` stops it all; `ssh` logs in.
-import { existsSync, readFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, openSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { createConnection, createServer } from 'node:net';
 import { join } from 'node:path';
@@ -10,7 +12,7 @@ import { UserError } from './lib/errors.ts';
 import { artifactOutput } from './fetch.ts';
 import { diskOutput } from './disk.ts';
 import { ignitionDir } from './ignition.ts';
-import { bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './lib/node/qemu.ts';
+import { apiForwardLog, apiForwardPidFile, apiServerHostPort, bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './lib/node/qemu.ts';
 import type { RunContext, Stage } from './lib/run/stage.ts';
 import { indentTail, runTool, ToolError } from './lib/run/tool.ts';
 
@@ -60,8 +62,9 @@ export const bootStage: Stage = {
   },
   /** Nodes that stopped (powered off, crashed, killed) are booted again. */
   expired(ctx) {
-    const stopped = ctx.config.nodes.filter((node) => !runningQemu(pathsFor(ctx, node).pid));
-    return stopped.length > 0 ? `not running: ${stopped.map((n) => n.name).join(', ')}` : undefined;
+    const stopped = ctx.config.nodes.filter((node) => !runningQemu(pathsFor(ctx, node).pid)).map((n) => n.name);
+    if (ctx.config.controlPlane?.virtualIp && !runningApiForward(ctx.settings.outDir)) stopped.push('the API server forwarder');
+    return stopped.length > 0 ? `not running: ${stopped.join(', ')}` : undefined;
   },
   outputs(ctx) {
     return ctx.config.nodes.map((node) => join(runDir, `${node.name}.pid`));
@@ -71,10 +74,29 @@ export const bootStage: Stage = {
     const { outDir } = ctx.settings;
     const running = config.nodes.filter((node) => runningQemu(pathsFor(ctx, node).pid));
     if (running.length > 0) {
-      // Inputs changed (or some nodes stopped) while others run: a node must never run
-      // from an older build next to newer ones.
+      // A node must never run from an older build next to newer ones. Nodes that stopped
+      // (powered off, or rebooted: QEMU runs with -no-reboot) beside others of the same
+      // build start again, blank: with three control planes that is how one rejoins.
+      // Every node, running or not, must still be what it was started from.
+      const changed = config.nodes.filter((node) => recordedBuild(ctx, node) !== nodeBuild(ctx, node));
+      const stopped = config.nodes.filter((node) => !running.includes(node));
+      const switchPid = readPid(join(outDir, switchPidFile));
+      if (changed.length === 0 && switchPid && processRunning(switchPid)) {
+        let accel = chooseAccelerator();
+        for (const node of stopped) {
+          task.output = `starting ${node.name} again (${accel}), beside ${running.map((n) => n.name).join(', ')}`;
+          accel = await startNode(ctx, node, accel);
+        }
+        if (config.controlPlane?.virtualIp && !runningApiForward(outDir)) {
+          task.output = 'starting the API server forwarder on 127.0.0.1';
+          await startApiForward(ctx);
+        }
+        task.output = stopped.length > 0 ? `${stopped.map((n) => n.name).join(', ')} booting again; consoles in out/${logsDir}/` : 'the forwarder runs again';
+        return;
+      }
       throw new UserError(
-        `${running.map((n) => n.name).join(', ')} ${running.length === 1 ? 'is' : 'are'} still running from an earlier boot. ` +
+        `${running.map((n) => n.name).join(', ')} ${running.length === 1 ? 'is' : 'are'} still running from an earlier boot` +
+          `${changed.length > 0 ? ` (the build changed for ${changed.map((n) => n.name).join(', ')})` : ''}. ` +
           'Stop the cluster first (make down), then make boot: every boot is a first boot.',
       );
     }
@@ -107,18 +129,11 @@ export const bootStage: Stage = {
     try {
       for (const node of config.nodes) {
         task.output = `starting ${node.name} (${accel})`;
-        const paths = pathsFor(ctx, node);
-        await rm(paths.log, { force: true });
-        try {
-          await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
-        } catch (error) {
-          // /dev/kvm can be there and still fail (nested virtualization without the MSRs
-          // QEMU needs): unless KVM was asked for, fall back to TCG for every node.
-          if (accel !== 'kvm' || process.env.COREKUBE_ACCEL === 'kvm' || !/kvm/i.test((error as Error).message)) throw error;
-          accel = 'tcg';
-          warnTcg(`KVM failed: ${(error as Error).message.split('\n')[1]?.trim() ?? 'see above'}`);
-          await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
-        }
+        accel = await startNode(ctx, node, accel);
+      }
+      if (config.controlPlane?.virtualIp) {
+        task.output = 'starting the API server forwarder on 127.0.0.1';
+        await startApiForward(ctx);
       }
     } catch (error) {
       await stopCluster(outDir, { timeoutMs: 0 });
@@ -127,6 +142,94 @@ export const bootStage: Stage = {
     task.output = `${config.nodes.length} node(s) booting; consoles in out/${logsDir}/`;
   },
 };
+
+/** One node's QEMU; returns the accelerator the next node should use (TCG once KVM failed). */
+async function startNode(ctx: RunContext, node: NodeConfig, accel: Accelerator): Promise<Accelerator> {
+  const { config } = ctx;
+  const standIn = standInFromEnv();
+  const paths = pathsFor(ctx, node);
+  await rm(paths.log, { force: true });
+  await writeFile(buildFile(ctx, node), `${nodeBuild(ctx, node)}\n`);
+  try {
+    await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel, standIn }), `QEMU for ${node.name}`, ctx.signal);
+    return accel;
+  } catch (error) {
+    // /dev/kvm can be there and still fail (nested virtualization without the MSRs
+    // QEMU needs): unless KVM was asked for, fall back to TCG for every node.
+    if (accel !== 'kvm' || process.env.COREKUBE_ACCEL === 'kvm' || !/kvm/i.test((error as Error).message)) throw error;
+    warnTcg(`KVM failed: ${(error as Error).message.split('\n')[1]?.trim() ?? 'see above'}`);
+    await startDaemon('qemu-system-x86_64', qemuArgs({ config, node, paths, accel: 'tcg', standIn }), `QEMU for ${node.name}`, ctx.signal);
+    return 'tcg';
+  }
+}
+
+function buildFile(ctx: RunContext, node: NodeConfig): string {
+  return join(ctx.settings.outDir, runDir, `${node.name}.build`);
+}
+
+/** What a running node was started from (its Ignition config, the disks, its QEMU settings), as one digest. */
+export function nodeBuild(ctx: RunContext, node: NodeConfig): string {
+  const paths = pathsFor(ctx, node);
+  const identity = (file: string) => {
+    try {
+      const info = statSync(file);
+      return `${info.size}:${Math.trunc(info.mtimeMs)}:${info.ino}`;
+    } catch {
+      return 'missing';
+    }
+  };
+  const ignition = existsSync(paths.ignition) ? createHash('sha256').update(readFileSync(paths.ignition)).digest('hex') : 'missing';
+  return createHash('sha256')
+    .update(JSON.stringify({ node, ports: ctx.config.hostPorts, controlPlane: ctx.config.controlPlane, ignition, disk: identity(paths.disk), image: identity(paths.image), standIn: standInFromEnv() ?? null }))
+    .digest('hex');
+}
+
+function recordedBuild(ctx: RunContext, node: NodeConfig): string | undefined {
+  try {
+    return readFileSync(buildFile(ctx, node), 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Three control planes: out/kubeconfig's 127.0.0.1:hostPorts.apiServer is a forwarder to
+ * whichever control plane answers (tasks/lib/node/api-forward.ts), a detached Node
+ * process with its pid file in out/run and its log in out/logs; `make down` stops it.
+ */
+async function startApiForward(ctx: RunContext): Promise<void> {
+  const { outDir } = ctx.settings;
+  const pidFile = join(outDir, apiForwardPidFile);
+  const backends = ctx.config.nodes.filter((n) => n.role === 'control-plane').map((n) => String(apiServerHostPort(ctx.config, n)));
+  const log = openSync(join(outDir, apiForwardLog), 'a');
+  try {
+    const child = spawn(process.execPath, [join(import.meta.dirname, 'lib', 'node', 'api-forward.ts'), pidFile, String(ctx.config.hostPorts.apiServer), ...backends], {
+      detached: true,
+      stdio: ['ignore', log, log],
+    });
+    const exited = new Promise<number | null>((resolve) => child.once('exit', resolve));
+    child.unref();
+    const deadline = Date.now() + 10_000;
+    while (!existsSync(pidFile)) {
+      const code = await Promise.race([exited, new Promise((r) => setTimeout(r, 20, 'running'))]);
+      if (code !== 'running') throw new UserError(`the API server forwarder stopped (exit ${code}): see out/${apiForwardLog}`);
+      if (Date.now() > deadline) throw new UserError(`the API server forwarder did not listen on 127.0.0.1:${ctx.config.hostPorts.apiServer} within 10 s: see out/${apiForwardLog}`);
+    }
+  } finally {
+    closeSync(log);
+  }
+}
+
+/** The forwarder's pid, if it runs (checked against its command line, not a recycled pid). */
+export function runningApiForward(outDir: string): number | undefined {
+  const pid = readPid(join(outDir, apiForwardPidFile));
+  if (!pid) return undefined;
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes('api-forward.ts') ? pid : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 /** KVM when usable, unless COREKUBE_ACCEL says otherwise (kvm: fail rather than emulate). */
 export function chooseAccelerator(env = process.env): Accelerator {
@@ -250,6 +353,11 @@ export async function stopCluster(outDir: string, options: { timeoutMs: number }
     } else {
       report.poweredOff.push(n.name);
     }
+  }
+  const forwarder = runningApiForward(outDir);
+  if (forwarder) {
+    process.kill(forwarder, 'SIGTERM');
+    while (processRunning(forwarder)) await new Promise((r) => setTimeout(r, 20));
   }
   const switchPid = readPid(join(outDir, switchPidFile));
   if (switchPid && processRunning(switchPid) && readFileSync(`/proc/${switchPid}/cmdline`, 'utf8').includes('vde_switch')) {

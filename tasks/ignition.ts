@@ -13,7 +13,9 @@ import { UserError } from './lib/errors.ts';
 import { artifactOutput } from './fetch.ts';
 import {
   applyKubeadmOverrides,
+  controlPlaneJoinDocuments,
   kubeadmDocuments,
+  renderControlPlaneEnv,
   renderContainerdConfig,
   renderFlannelConfig,
   renderHosts,
@@ -26,7 +28,8 @@ import {
   type NodeFile,
 } from './lib/node/node-config.ts';
 import { storedSha256, type Lock } from './lib/inputs/lock.ts';
-import { readPki } from './pki.ts';
+import { readPki, type SharedControlPlanePki } from './pki.ts';
+import { noVirtualIp, renderKubeVipManifest } from './lib/node/kube-vip.ts';
 import type { RunContext, Stage } from './lib/run/stage.ts';
 import { ToolError, indentTail, runTool } from './lib/run/tool.ts';
 import { findOnPath } from './lib/run/tools.ts';
@@ -117,7 +120,7 @@ export function renderNodeFiles(
   config: ClusterConfig,
   lock: Lock,
   node: NodeConfig,
-  pki: { caCertPem: string; caKeyPem: string; token: string; caHash: string },
+  pki: { caCertPem: string; caKeyPem: string; token: string; caHash: string; shared?: SharedControlPlanePki },
   sshPublicKey: string,
   overrideFile: string,
   overrideText: string | undefined,
@@ -144,6 +147,23 @@ export function renderNodeFiles(
       { name: 'ca.key', content: pki.caKeyPem, secret: true },
       { name: 'pod-security.yaml', content: renderPodSecurityAdmission() },
       { name: 'flannel-config.yaml', content: renderFlannelConfig(config) },
+    );
+    // What every control plane shares (kubeadm join --control-plane with no uploaded
+    // certificates), and how it finds the others: control planes only, never a worker.
+    if (!pki.shared) throw new Error('renderNodeFiles: a control plane needs the shared control-plane PKI (the pki stage makes it)');
+    const joinDocs = applyKubeadmOverrides(controlPlaneJoinDocuments(config, node, pki), overrideFile, overrideText, config, lock);
+    const ha = config.controlPlane?.virtualIp === true;
+    files.push(
+      { name: 'front-proxy-ca.crt', content: pki.shared.frontProxyCaCert },
+      { name: 'front-proxy-ca.key', content: pki.shared.frontProxyCaKey, secret: true },
+      { name: 'etcd-ca.crt', content: pki.shared.etcdCaCert },
+      { name: 'etcd-ca.key', content: pki.shared.etcdCaKey, secret: true },
+      { name: 'sa.key', content: pki.shared.serviceAccountKey, secret: true },
+      { name: 'sa.pub', content: pki.shared.serviceAccountPub },
+      { name: 'kubeadm-join.yaml', content: stringifyDocuments(joinDocs), secret: true },
+      { name: 'control-plane.env', content: renderControlPlaneEnv(config, node) },
+      { name: 'kube-vip-init.yaml', content: ha ? renderKubeVipManifest(config, 'super-admin.conf') : noVirtualIp(config) },
+      { name: 'kube-vip-join.yaml', content: ha ? renderKubeVipManifest(config, 'admin.conf') : noVirtualIp(config) },
     );
   }
   return files;

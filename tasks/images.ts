@@ -15,6 +15,7 @@ import { hashFile, moveAside, type Cache } from './lib/store/cache.ts';
 import { goArch, type Architecture, type ClusterConfig } from './lib/inputs/config.ts';
 import { OfflineError, UserError } from './lib/errors.ts';
 import type { ImageRef, Lock } from './lib/inputs/lock.ts';
+import { renderedImages } from './lib/node/kube-vip.ts';
 import {
   blobPath,
   findRef,
@@ -54,7 +55,7 @@ export const imagesStage: Stage = {
     return [imagesOutput];
   },
   async run(ctx, task) {
-    checkImageCoverage(ctx.lock, readManifestImages(manifestsDir(ctx)));
+    checkImageCoverage(ctx.lock, clusterImages(manifestsDir(ctx)));
     const store = storeDir(ctx);
     await ctx.cache.removeStaleTemporaries();
     const movedAside = await checkStoreBlobs(ctx, store);
@@ -345,6 +346,15 @@ export function readManifestImages(dir: string): ManifestImage[] {
     }
   }
   return found;
+}
+
+/**
+ * Every image the cluster runs beside kubeadm's: each `image:` in manifests/, and those
+ * corekube renders itself (kube-vip's static pod). Pin resolves them, the images stage
+ * checks the lock covers them.
+ */
+export function clusterImages(dir: string): ManifestImage[] {
+  return [...readManifestImages(dir), ...renderedImages];
 }
 
 /** The images kubeadm pulls for a Kubernetes version (the control plane at that exact tag). */

@@ -29,7 +29,7 @@ import { downloadChunks, DownloadError, type DownloadOptions } from './lib/store
 import { writeAtomically } from './lib/run/engine.ts';
 import { ExitCode, InputError, isAbortError, OfflineError, UserError } from './lib/errors.ts';
 import { writeXzDecompressed } from './fetch.ts';
-import { kubeadmImages, moveBlobsIntoStore, readManifestImages, seededStagingLayout, skopeoCopy, storeDir, type ManifestImage } from './images.ts';
+import { clusterImages, kubeadmImages, moveBlobsIntoStore, seededStagingLayout, skopeoCopy, storeDir, type ManifestImage } from './images.ts';
 import { checkLockMatchesConfig, lockedArtifacts, lockVersion, parseLock, type AnyArtifactKey, type Artifact, type ArtifactKey, type ImageRef, type Lock } from './lib/inputs/lock.ts';
 import { findRef, parseReference, readIndex, registryHasNoSuchImage, sha256Of, splitName } from './lib/store/oci.ts';
 import type { RunContext, Stage } from './lib/run/stage.ts';
@@ -835,7 +835,7 @@ export async function pin(ctx: RunContext, options: PinOptions = {}): Promise<Pi
     progress,
   });
   // Manifests first: a bad manifest fails before anything is downloaded.
-  const manifestImages = readManifestImages(join(settings.root, 'manifests'));
+  const manifestImages = clusterImages(join(settings.root, 'manifests'));
   const previous = readPrevious(settings.lockFile);
   await ctx.cache.removeStaleTemporaries();
 

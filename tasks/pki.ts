@@ -53,7 +53,7 @@ export const pkiStage: Stage = {
     return undefined;
   },
   outputs() {
-    return [...Object.values(files).map((f) => join(pkiDir, f)), kubeconfigOutput];
+    return [...Object.values(files).map((f) => join(pkiDir, f)), ...Object.values(sharedFiles).map((f) => join(pkiDir, f)), kubeconfigOutput];
   },
   async run(ctx) {
     const dir = join(ctx.settings.outDir, pkiDir);
@@ -64,6 +64,7 @@ export const pkiStage: Stage = {
       await makeCa(dir, ctx.config.name, signal);
     }
     checkCaPair(dir);
+    await makeSharedControlPlanePki(dir, ctx.config.name, signal);
     if (adminCertificateState(dir, new Date()) !== 'valid') await makeAdminCertificate(dir, signal);
     if (!existsSync(join(dir, files.token))) await writeSecret(join(dir, files.token), `${bootstrapToken()}\n`);
     const caPem = readFileSync(join(dir, files.caCert), 'utf8');
@@ -198,8 +199,60 @@ export function renderKubeconfig(options: { cluster: string; server: string; caP
 }
 
 /** What the ignition stage needs from the PKI, read back from out/pki. */
-export function readPki(outDir: string): { caCertPem: string; caKeyPem: string; token: string; caHash: string } {
+export function readPki(outDir: string): { caCertPem: string; caKeyPem: string; token: string; caHash: string; shared: SharedControlPlanePki } {
   const dir = join(outDir, pkiDir);
   const read = (name: string) => readFileSync(join(dir, name), 'utf8');
-  return { caCertPem: read(files.caCert), caKeyPem: read(files.caKey), token: read(files.token).trim(), caHash: read(files.caHash).trim() };
+  const shared = Object.fromEntries(Object.entries(sharedFiles).map(([key, name]) => [key, read(name)])) as unknown as SharedControlPlanePki;
+  return { caCertPem: read(files.caCert), caKeyPem: read(files.caKey), token: read(files.token).trim(), caHash: read(files.caHash).trim(), shared };
+}
+
+/**
+ * What every control plane must hold alike beside the cluster CA, for `kubeadm join
+ * --control-plane` with no --upload-certs secret in the cluster: kubeadm's
+ * SharedCertificateExists (cmd/kubeadm/app/phases/certs/certs.go) wants ca.crt/ca.key,
+ * sa.key/sa.pub, front-proxy-ca.crt/.key and, for stacked etcd, etcd/ca.crt/.key in the
+ * certificates directory, and makes every other certificate from them. Made once, kept
+ * in out/pki like the CA; the ignition stage gives them to control planes only.
+ */
+export const sharedFiles = {
+  frontProxyCaCert: 'front-proxy-ca.crt',
+  frontProxyCaKey: 'front-proxy-ca.key',
+  etcdCaCert: 'etcd-ca.crt',
+  etcdCaKey: 'etcd-ca.key',
+  serviceAccountKey: 'sa.key',
+  serviceAccountPub: 'sa.pub',
+} as const;
+export type SharedControlPlanePki = Record<keyof typeof sharedFiles, string>;
+
+/** The front-proxy CA, the etcd CA and the service-account key pair, each made once (an existing pair is kept). */
+async function makeSharedControlPlanePki(dir: string, cluster: string, signal: AbortSignal): Promise<void> {
+  const cas: [string, string, string][] = [
+    [sharedFiles.frontProxyCaCert, sharedFiles.frontProxyCaKey, `${cluster}-front-proxy`],
+    [sharedFiles.etcdCaCert, sharedFiles.etcdCaKey, `${cluster}-etcd`],
+  ];
+  for (const [cert, key, name] of cas) {
+    if (existsSync(join(dir, cert)) && existsSync(join(dir, key))) continue;
+    // The cluster CA's own recipe (CN NAME-ca, the same lifetime), made in a scratch directory.
+    const work = await mkdtemp(join(dir, '.shared-'));
+    try {
+      await makeCa(work, name, signal);
+      await rename(join(work, files.caKey), join(dir, key));
+      await rename(join(work, files.caCert), join(dir, cert));
+    } finally {
+      await rm(work, { recursive: true, force: true });
+    }
+  }
+  if (!existsSync(join(dir, sharedFiles.serviceAccountKey)) || !existsSync(join(dir, sharedFiles.serviceAccountPub))) {
+    const work = await mkdtemp(join(dir, '.sa-'));
+    try {
+      // kubeadm's own service-account key is RSA 2048; sa.pub is the PKIX public key kubeadm reads.
+      await runTool('openssl', ['genpkey', '-algorithm', 'RSA', '-pkeyopt', 'rsa_keygen_bits:2048', '-out', join(work, sharedFiles.serviceAccountKey)], { signal });
+      await runTool('openssl', ['pkey', '-in', join(work, sharedFiles.serviceAccountKey), '-pubout', '-out', join(work, sharedFiles.serviceAccountPub)], { signal });
+      await chmod(join(work, sharedFiles.serviceAccountKey), 0o600);
+      await rename(join(work, sharedFiles.serviceAccountKey), join(dir, sharedFiles.serviceAccountKey));
+      await rename(join(work, sharedFiles.serviceAccountPub), join(dir, sharedFiles.serviceAccountPub));
+    } finally {
+      await rm(work, { recursive: true, force: true });
+    }
+  }
 }

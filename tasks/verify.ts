@@ -10,6 +10,7 @@ import type { ClusterConfig } from './lib/inputs/config.ts';
 import { UserError } from './lib/errors.ts';
 import type { Lock } from './lib/inputs/lock.ts';
 import { sandboxImage } from './lib/node/node-config.ts';
+import { kubeVipLease } from './lib/node/kube-vip.ts';
 import { apiServerUrl, pkiDir } from './pki.ts';
 import { bootTimeFile, logsDir } from './lib/node/qemu.ts';
 import type { RunContext, Stage } from './lib/run/stage.ts';
@@ -54,7 +55,8 @@ export interface CheckResult {
 }
 
 interface NodeList { items: { metadata: { name: string }; status?: { conditions?: { type: string; status: string }[] } }[] }
-interface PodList { items: { metadata: { name: string }; spec?: { nodeName?: string }; status?: { phase?: string; podIP?: string } }[] }
+interface PodList { items: { metadata: { name: string }; spec?: { nodeName?: string }; status?: { phase?: string; podIP?: string; conditions?: { type: string; status: string }[] } }[] }
+interface Lease { spec?: { holderIdentity?: string; renewTime?: string } }
 
 /** Nodes: every node of cluster.yaml registered and Ready. Pure, for the tests. */
 export function judgeNodes(config: ClusterConfig, list: NodeList): CheckResult {
@@ -79,6 +81,39 @@ export function judgeSystemPods(list: PodList): CheckResult {
     ok: bad.length === 0,
     detail: bad.length ? bad.map((p) => `${p.metadata.name} ${p.status?.phase ?? 'Pending'}${p.spec?.nodeName ? ` on ${p.spec.nodeName}` : ''}`).join(', ') : `${list.items.length} Running`,
     ...(bad[0]?.spec?.nodeName ? { node: bad[0].spec.nodeName } : {}),
+  };
+}
+
+/**
+ * Three control planes: etcd has a healthy member on each. Each control plane's etcd
+ * static pod must be Running and Ready: kubeadm's etcd pod is Ready when that member
+ * answers its /readyz (connected to a quorum), so three Ready pods are three healthy
+ * members. Pure, for the tests.
+ */
+export function judgeEtcd(config: ClusterConfig, list: PodList): CheckResult {
+  const controlPlanes = config.nodes.filter((n) => n.role === 'control-plane');
+  const unhealthy = controlPlanes.filter((node) => {
+    const pod = list.items.find((p) => p.metadata.name === `etcd-${node.name}`);
+    return !(pod?.status?.phase === 'Running' && pod.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True'));
+  });
+  return {
+    name: 'etcd members',
+    ok: unhealthy.length === 0,
+    detail: unhealthy.length === 0 ? `${controlPlanes.length} of ${controlPlanes.length} healthy` : `not healthy: ${unhealthy.map((n) => `etcd-${n.name}`).join(', ')}`,
+    ...(unhealthy[0] ? { node: unhealthy[0].name } : {}),
+  };
+}
+
+/** Three control planes: kube-vip's lease names a control plane, which holds controlPlane.endpoint. Pure, for the tests. */
+export function judgeVirtualIp(config: ClusterConfig, lease: Lease | undefined): CheckResult {
+  const holder = lease?.spec?.holderIdentity;
+  const controlPlanes = config.nodes.filter((n) => n.role === 'control-plane').map((n) => n.name);
+  const ok = holder !== undefined && controlPlanes.includes(holder);
+  return {
+    name: 'virtual IP',
+    ok,
+    detail: ok ? `${config.controlPlane.endpoint} held by ${holder}` : `no control plane holds kube-vip's lease ${kubeVipLease.name} (holder: ${holder ?? 'none'})`,
+    ...(ok ? {} : { node: controlPlanes[0]! }),
   };
 }
 
@@ -129,6 +164,11 @@ export async function checkCluster(api: ApiClient, config: ClusterConfig, lock: 
   const pods = await api.get('/api/v1/namespaces/kube-system/pods');
   const podList = parse<PodList>(pods.body) ?? { items: [] };
   results.push(pods.status === 200 ? judgeSystemPods(podList) : { name: 'kube-system pods', ok: false, detail: `GET pods: ${pods.status}` });
+  if (config.controlPlane?.virtualIp) {
+    results.push(judgeEtcd(config, podList));
+    const lease = await api.get(`/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/${kubeVipLease.name}`);
+    results.push(judgeVirtualIp(config, lease.status === 200 ? parse<Lease>(lease.body) : undefined));
+  }
 
   if (!state.smokeCreated) {
     const created = await api.post('/api/v1/namespaces/default/pods', smokePod(config, lock, smokeName));
@@ -163,7 +203,7 @@ export function logTail(outDir: string, node: string, lines = 20): string {
 export const verifyStage: Stage = {
   name: 'verify',
   title: 'Verify the cluster',
-  summary: 'waits (bounded: VERIFY_TIMEOUT) for the API server, every node Ready, kube-system Running, a smoke pod on a worker, cluster DNS',
+  summary: 'waits (bounded: VERIFY_TIMEOUT) for the API server, every node Ready, kube-system Running (three control planes: three healthy etcd members, the virtual IP held), a smoke pod on a worker, cluster DNS',
   needs: ['pki', 'boot'],
   tools: [],
   inputs: () => ({}),

@@ -5,7 +5,7 @@
 // read-only and matching its MANIFEST.json, the peers over the cluster switch, nothing
 // reachable through the user-mode NIC, and a listener behind the SSH port forward.
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { mkdtempSync } from 'node:fs';
 import { connect, createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -122,6 +122,34 @@ test('a second boot while the nodes run does nothing', async () => {
   const report = await boot(pair);
   assert.not.ok(report.ran.includes('boot'), `ran: ${report.ran.join(', ')}`);
   assert.equal([pidOf(pair, 'cp1'), pidOf(pair, 'w1')], before);
+});
+
+test('a node that stopped beside running ones boots again alone, from the same build (blank: how a control plane rejoins); never from a newer one', async () => {
+  const cp1 = pidOf(pair, 'cp1');
+  const w1 = pidOf(pair, 'w1')!;
+  process.kill(w1, 'SIGKILL');
+  await waitFor(() => !processRunning(w1), 10_000, 'w1 to stop');
+  const report = await boot(pair);
+  assert.ok(report.ran.includes('boot'), 'a stopped node makes boot run');
+  assert.is(pidOf(pair, 'cp1'), cp1, 'cp1 kept running');
+  const again = pidOf(pair, 'w1');
+  assert.ok(again && again !== w1, 'w1 runs again, a new QEMU');
+  await waitFor(() => readDone(log(pair, 'w1')) === 'w1', 180_000, 'w1 to boot again');
+  // A newer build (here: its Ignition config changed) never runs beside the older one.
+  const file = join(pair.outDir, 'ignition', 'w1.ign');
+  const original = readFileSync(file);
+  process.kill(again!, 'SIGKILL');
+  await waitFor(() => !processRunning(again!), 10_000, 'w1 to stop again');
+  try {
+    writeFileSync(file, Buffer.concat([original, Buffer.from(' ')]));
+    const refused = await runStages(pair.context(), selectStages(stages, ['boot'], true), { renderer: 'silent' }).then(() => undefined, (e: Error) => e);
+    assert.ok(refused, 'refused');
+    assert.match(refused!.message, /cp1 is still running from an earlier boot \(the build changed for w1\)/);
+  } finally {
+    writeFileSync(file, original);
+  }
+  await boot(pair);
+  assert.ok(pidOf(pair, 'w1'), 'with its build back as it was, w1 starts again');
 });
 
 test('verify on nodes that never become ready fails within its bound, naming what and showing the console tail', async () => {

@@ -55,6 +55,59 @@ test('a valid config parses into typed values with defaults', () => {
   assert.is(config.mirrors.downloads.kubernetes, 'https://dl.k8s.io');
 });
 
+const ha = `
+name: demo
+kubernetes:
+  version: v1.35.7
+nodes:
+  - {name: cp1, role: control-plane, ip: 10.77.0.10}
+  - {name: cp2, role: control-plane, ip: 10.77.0.11}
+  - {name: cp3, role: control-plane, ip: 10.77.0.12}
+  - {name: w1, role: worker, ip: 10.77.0.21, memory: 2048}
+controlPlane:
+  endpoint: 10.77.0.5
+sshPublicKeyFile: id.pub
+`;
+
+test('three control planes behind controlPlane.endpoint; one control plane is its own endpoint', () => {
+  const config = parseConfig(configFile, ha);
+  assert.equal(config.controlPlane, { endpoint: '10.77.0.5', virtualIp: true });
+  assert.equal(parseConfig(configFile, valid).controlPlane, { endpoint: '10.77.0.10', virtualIp: false });
+});
+
+test('three control planes: the API server ports (the forwarder, one per control plane) stay clear of the SSH ports', () => {
+  assert.equal(parseConfig(configFile, ha).hostPorts, { apiServer: 6443, sshBase: 2222 });
+  const clash = problemAt(`${ha}hostPorts: {apiServer: 2219}\n`, 'hostPorts.apiServer');
+  assert.match(clash.expected, /a port \(with the ports 2220-2222 above it, one per control plane\) outside the SSH ports 2222-2225/);
+  assert.is(parseConfig(configFile, `${ha}hostPorts: {apiServer: 2218}\n`).hostPorts.apiServer, 2218);
+});
+
+test('1 or 3 control planes: 2 and 4 are refused, saying why (etcd quorum)', () => {
+  const two = ha.replace('  - {name: cp3, role: control-plane, ip: 10.77.0.12}\n', '');
+  const p2 = problemAt(two, 'nodes');
+  assert.match(p2.expected, /^1 or 3 nodes with role "control-plane": with 2, etcd needs both/);
+  assert.match(p2.found, /^2 /);
+  const four = ha.replace('  - {name: w1,', '  - {name: cp4, role: control-plane, ip: 10.77.0.13}\n  - {name: w1,');
+  assert.match(problemAt(four, 'nodes').expected, /4 survive one failure, as 3 do/);
+});
+
+test('controlPlane.endpoint: required with three, refused with one, a free host address of the cluster network', () => {
+  const without = ha.replace('controlPlane:\n  endpoint: 10.77.0.5\n', '');
+  const missing = problemAt(without, 'controlPlane.endpoint');
+  assert.match(missing.expected, /a free address in network\.nodeCidr for the virtual IP of the 3 control planes/);
+  assert.is(missing.found, 'nothing');
+  assert.match(problemAt(`${valid}controlPlane: {endpoint: 10.77.0.5}\n`, 'controlPlane.endpoint').expected, /nothing with one control plane/);
+  const at = (endpoint: string) => problemAt(ha.replace('endpoint: 10.77.0.5', `endpoint: "${endpoint}"`), 'controlPlane.endpoint');
+  assert.match(at('10.77.1.5').expected, /a host address inside network\.nodeCidr \(10\.77\.0\.0\/24\)/);
+  assert.is(at('10.77.1.5').found, '"10.77.1.5"');
+  assert.match(at('10.77.0.255').expected, /inside network\.nodeCidr/, 'the broadcast address');
+  assert.match(at('10.77.0.11').expected, /an address no node uses \(it is cp2's\)/);
+  assert.match(at('10.77.0.21').expected, /it is w1's/);
+  assert.match(at('not-an-ip').expected, /an IPv4 address/);
+  // Inside the cluster network is outside the pod and service ranges: those may not overlap it (checked above).
+  assert.match(problemAt(`${ha}`.replace('endpoint: 10.77.0.5', 'endpoint: 10.77.0.5\n  vip: x'), 'controlPlane.vip').expected, /./);
+});
+
 test('host ports: defaults, and the API port may not collide with the SSH ports', () => {
   assert.equal(parseConfig(configFile, valid).hostPorts, { apiServer: 6443, sshBase: 2222 });
   assert.equal(parseConfig(configFile, `${valid}hostPorts: {apiServer: 7443, sshBase: 3000}\n`).hostPorts, { apiServer: 7443, sshBase: 3000 });
@@ -268,4 +321,11 @@ test('openstack: a password in cluster.yaml is refused, pointing at clouds.yaml'
 });
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
+test('three control planes on target openstack are refused for now (the virtual IP needs allowed-address pairs)', () => {
+  const hit = problemAt(`${ha}${openstackSection}`, 'controlPlane.endpoint');
+  assert.match(hit.expected, /one control plane on target openstack/);
+  assert.is(hit.found, '"10.77.0.5"');
+  assert.is(parseConfig(configFile, `${valid}${openstackSection}`).controlPlane.virtualIp, false);
+});
+
 test.run();

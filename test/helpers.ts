@@ -6,7 +6,7 @@ import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, 
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { kubeadmImages, readManifestImages } from '../tasks/images.ts';
+import { clusterImages, kubeadmImages } from '../tasks/images.ts';
 import { artifactKeys } from '../tasks/lib/inputs/lock.ts';
 import { parseReference } from '../tasks/lib/store/oci.ts';
 import { RunContext, type RunSettings } from '../tasks/lib/run/stage.ts';
@@ -168,7 +168,7 @@ export const kubeadmTags: Record<string, string> = { 'registry.k8s.io/etcd': '3.
 
 /** What the fixture registry must hold for a lock that covers the project: the kubeadm set and every image in manifests/. */
 export function projectImages(version: string): { name: string; tag: string }[] {
-  const fromManifests = readManifestImages(join(projectRoot, 'manifests')).map(({ image }) => parseReference(image)!);
+  const fromManifests = clusterImages(join(projectRoot, 'manifests')).map(({ image }) => parseReference(image)!);
   const all = [
     ...kubeadmImages(version).map(({ name, tag }) => ({ name, tag: tag ?? kubeadmTags[name]! })),
     ...fromManifests.map((ref) => ({ name: ref.name, tag: ref.tag ?? 'latest' })),

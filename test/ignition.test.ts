@@ -129,6 +129,68 @@ test('a worker holds neither the CA certificate (kubeadm join refuses an existin
   assert.equal(join_.discovery.bootstrapToken.caCertHashes, [readFileSync(join(ws.outDir, 'pki', 'ca-cert-hash'), 'utf8').trim()]);
 });
 
+test('three control planes: each holds the shared CAs and keys, its join configuration and kube-vip for the endpoint; the worker none of them', async () => {
+  const haWs = workspace({
+    nodes: ['{name: cp1, role: control-plane, ip: 10.77.0.10}', '{name: cp2, role: control-plane, ip: 10.77.0.11}', '{name: cp3, role: control-plane, ip: 10.77.0.12}', '{name: w1, role: worker, ip: 10.77.0.21, memory: 2GiB}'],
+    extraConfig: ['controlPlane: {endpoint: 10.77.0.5}'],
+  });
+  await build(haWs);
+  const pki = (name: string) => readFileSync(join(haWs.outDir, 'pki', name), 'utf8');
+  const shared: [string, string, number][] = [
+    ['kubernetes/pki/ca.crt', 'ca.crt', 0o644], ['kubernetes/pki/ca.key', 'ca.key', 0o600],
+    ['kubernetes/pki/front-proxy-ca.crt', 'front-proxy-ca.crt', 0o644], ['kubernetes/pki/front-proxy-ca.key', 'front-proxy-ca.key', 0o600],
+    ['kubernetes/pki/etcd/ca.crt', 'etcd-ca.crt', 0o644], ['kubernetes/pki/etcd/ca.key', 'etcd-ca.key', 0o600],
+    ['kubernetes/pki/sa.key', 'sa.key', 0o600], ['kubernetes/pki/sa.pub', 'sa.pub', 0o644],
+  ];
+  const endpoint = '10.77.0.5:6443';
+  for (const node of ['cp1', 'cp2', 'cp3']) {
+    execFileSync('ignition-validate', [join(haWs.outDir, 'ignition', `${node}.ign`)]);
+    const { root } = await applyIgnition(join(haWs.outDir, 'ignition', `${node}.ign`), work);
+    const etc = join(root, 'etc');
+    for (const [path, source, fileMode] of shared) {
+      assert.is(readFileSync(join(etc, path), 'utf8'), pki(source), `${node}: ${path} is the build's ${source}`);
+      assert.is(mode(join(etc, path)), fileMode, `${node}: ${path} mode`);
+    }
+    const [joinDoc, ...rest] = parseAllDocuments(readFileSync(join(etc, 'corekube', 'kubeadm-join.yaml'), 'utf8')).map((d) => d.toJS());
+    assert.is(rest.length, 0);
+    assert.is(joinDoc.kind, 'JoinConfiguration');
+    assert.is(joinDoc.discovery.bootstrapToken.apiServerEndpoint, endpoint);
+    assert.equal(joinDoc.controlPlane, { localAPIEndpoint: { advertiseAddress: { cp1: '10.77.0.10', cp2: '10.77.0.11', cp3: '10.77.0.12' }[node], bindPort: 6443 } });
+    assert.not.ok('certificateKey' in joinDoc.controlPlane, 'no --upload-certs secret: the shared files are on the node');
+    const first = parseAllDocuments(readFileSync(join(etc, 'corekube', 'kubeadm.yaml'), 'utf8')).map((d) => d.toJS());
+    if (node === 'cp1') {
+      assert.equal(first.map((d) => d.kind), ['InitConfiguration', 'ClusterConfiguration', 'KubeletConfiguration']);
+      assert.is(first[1].controlPlaneEndpoint, endpoint);
+      for (const san of ['10.77.0.5', '10.77.0.10', '10.77.0.11', '10.77.0.12', 'cp2']) assert.ok(first[1].apiServer.certSANs.includes(san), san);
+    } else {
+      assert.equal(first, [joinDoc], `${node}: joins the cluster cp1 makes`);
+    }
+    const env = readFileSync(join(etc, 'corekube', 'control-plane.env'), 'utf8');
+    assert.match(env, `COREKUBE_NODE_NAME=${node}\n`);
+    assert.match(env, 'COREKUBE_ENDPOINT=10.77.0.5\nCOREKUBE_VIRTUAL_IP=yes\nCOREKUBE_INITIALIZER=cp1\nCOREKUBE_CONTROL_PLANES="cp1=10.77.0.10 cp2=10.77.0.11 cp3=10.77.0.12"\n');
+    for (const [variant, kubeconfig] of [['init', 'super-admin.conf'], ['join', 'admin.conf']]) {
+      const pod = parseAllDocuments(readFileSync(join(etc, 'corekube', 'kube-vip', `${variant}.yaml`), 'utf8'))[0]!.toJS();
+      assert.is(pod.kind, 'Pod');
+      assert.is(pod.spec.hostNetwork, true);
+      assert.equal(pod.spec.volumes, [{ name: 'kubeconfig', hostPath: { path: `/etc/kubernetes/${kubeconfig}`, type: 'File' } }]);
+      const env = Object.fromEntries(pod.spec.containers[0].env.filter((e: { value?: string }) => e.value !== undefined).map((e: { name: string; value: string }) => [e.name, e.value]));
+      assert.is(env.address, '10.77.0.5');
+      assert.is(env.vip_arp, 'true');
+      assert.is(env.cp_enable, 'true');
+      assert.is(env.vip_leaderelection, 'true');
+      assert.match(pod.spec.containers[0].image, /^ghcr\.io\/kube-vip\/kube-vip:v/);
+      assert.is(pod.spec.containers[0].imagePullPolicy, 'Never');
+      assert.is(pod.spec.securityContext.seLinuxOptions.type, 'spc_t');
+    }
+  }
+  const { root } = await applyIgnition(join(haWs.outDir, 'ignition', 'w1.ign'), work);
+  const everything = listFiles(root);
+  assert.not.ok(everything.some((f) => /\/pki\/|\.key$|sa\.pub|kube-vip|kubeadm-join|control-plane\.env/.test(f)), everything.filter((f) => f.includes('kubernetes') || f.includes('corekube')).join(', '));
+  const text = readFileSync(join(haWs.outDir, 'ignition', 'w1.ign'), 'utf8');
+  assert.not.ok(text.includes('PRIVATE KEY'), 'no private key of any kind in a worker\'s config');
+  assert.is(parseAllDocuments(readFileSync(join(root, 'etc', 'corekube', 'kubeadm.yaml'), 'utf8'))[0]!.toJS().discovery.bootstrapToken.apiServerEndpoint, endpoint);
+});
+
 test('systemd-analyze verifies the units; shellcheck passes every boot script', () => {
   const units = join(roots.cp1!, 'etc', 'systemd', 'system');
   const files = readdirSync(units).filter((f) => /\.(service|mount)$/.test(f) && !lstatSync(join(units, f)).isSymbolicLink()).map((f) => join(units, f));

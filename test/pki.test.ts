@@ -2,7 +2,7 @@
 // client certificate for a group bound to cluster-admin, the kubeadm join hash checked
 // against the openssl pipeline kubeadm's documentation gives, renewal, a broken CA.
 import { execFileSync, execSync } from 'node:child_process';
-import { X509Certificate } from 'node:crypto';
+import { createPublicKey, X509Certificate } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -94,6 +94,25 @@ test('the CA and the token survive a forced rebuild and a make clean', async () 
   assert.not.ok(existsSync(join(tree, 'out', 'images')));
   execFileSync('make', ['-s', '-C', tree, '-f', join(projectRoot, 'Makefile'), 'clean-pki']);
   assert.not.ok(existsSync(join(tree, 'out', 'pki')));
+});
+
+test('the shared control-plane PKI: front-proxy and etcd CAs and the service-account key pair, made once, keys 0600', async () => {
+  const dir = join(ws.outDir, 'pki');
+  for (const key of ['front-proxy-ca.key', 'etcd-ca.key', 'sa.key']) assert.is(mode(join(dir, key)), 0o600, key);
+  const cluster = new X509Certificate(readFileSync(join(dir, 'ca.crt')));
+  for (const [cert, key] of [['front-proxy-ca.crt', 'front-proxy-ca.key'], ['etcd-ca.crt', 'etcd-ca.key']] as const) {
+    const ca = new X509Certificate(readFileSync(join(dir, cert)));
+    assert.ok(ca.ca, `${cert} is a CA`);
+    assert.ok(ca.verify(ca.publicKey), `${cert} is self-signed`);
+    assert.not.ok(ca.checkIssued(cluster) && ca.verify(cluster.publicKey), `${cert} is not the cluster CA's`);
+    assert.is(ca.publicKey.export({ type: 'spki', format: 'der' }).toString('hex'), createPublicKey(readFileSync(join(dir, key))).export({ type: 'spki', format: 'der' }).toString('hex'), `${key} is ${cert}'s key`);
+  }
+  assert.match(readFileSync(join(dir, 'sa.pub'), 'utf8'), /^-----BEGIN PUBLIC KEY-----\n/);
+  assert.is(createPublicKey(readFileSync(join(dir, 'sa.key'))).export({ type: 'spki', format: 'pem' }), readFileSync(join(dir, 'sa.pub'), 'utf8'));
+  const names = ['front-proxy-ca.crt', 'front-proxy-ca.key', 'etcd-ca.crt', 'etcd-ca.key', 'sa.key', 'sa.pub'];
+  const before = names.map((f) => readFileSync(join(dir, f), 'utf8'));
+  await pki(ws, { force: true });
+  assert.equal(names.map((f) => readFileSync(join(dir, f), 'utf8')), before, 'kept across a forced rebuild');
 });
 
 test('an admin certificate about to expire is renewed by the next build; the CA stays', async () => {

@@ -11,7 +11,7 @@ import { loadConfig } from '../tasks/lib/inputs/config.ts';
 import { parseLock } from '../tasks/lib/inputs/lock.ts';
 import { macAddress } from '../tasks/lib/node/node-config.ts';
 import { nodePaths, publishedPorts, qemuArgs, socketDir, sshArgs, sshPort } from '../tasks/lib/node/qemu.ts';
-import { judgeNodes, judgeSystemPods, smokePod } from '../tasks/verify.ts';
+import { judgeEtcd, judgeNodes, judgeSystemPods, judgeVirtualIp, smokePod } from '../tasks/verify.ts';
 import { freePortBlock } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-qemu-'));
@@ -51,6 +51,32 @@ test('a node boots FCOS with -snapshot, Ignition on fw_cfg, the image disk read-
   assert.ok(args.includes('-daemonize') && option(args, '-pidfile')[0] === join(outDir, 'run', 'w2.pid'));
   assert.equal(option(args, '-serial'), [`file:${join(work, 'out,,dir', 'logs', 'w2.log')}`]);
   assert.not.ok(args.includes('-kernel'));
+});
+
+test('three control planes: each publishes its API server on a port of its own above hostPorts.apiServer, where the forwarder listens', () => {
+  const file = join(work, 'ha.yaml');
+  writeFileSync(file, [
+    'name: demo',
+    'kubernetes: {version: v1.35.7}',
+    'nodes:',
+    '  - {name: cp1, role: control-plane, ip: 10.77.0.10}',
+    '  - {name: cp2, role: control-plane, ip: 10.77.0.11}',
+    '  - {name: w1, role: worker, ip: 10.77.0.21, memory: 2GiB}',
+    '  - {name: cp3, role: control-plane, ip: 10.77.0.12}',
+    'controlPlane: {endpoint: 10.77.0.5}',
+    'hostPorts: {apiServer: 16443, sshBase: 12222}',
+    'sshPublicKeyFile: key.pub',
+    '',
+  ].join('\n'));
+  const ha = loadConfig(file);
+  const host = (name: string) => option(qemuArgs({ config: ha, node: ha.nodes.find((n) => n.name === name)!, paths: paths(ha.nodes.find((n) => n.name === name)!), accel: 'tcg' }), '-netdev')[1];
+  assert.is(host('cp1'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12222-:22,hostfwd=tcp:127.0.0.1:16444-:6443');
+  assert.is(host('cp2'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12223-:22,hostfwd=tcp:127.0.0.1:16445-:6443');
+  assert.is(host('cp3'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12225-:22,hostfwd=tcp:127.0.0.1:16446-:6443');
+  assert.is(host('w1'), 'user,id=host,restrict=on,hostfwd=tcp:127.0.0.1:12224-:22');
+  const ports = publishedPorts(ha);
+  assert.equal(ports.map((p) => p.port), [16443, 16444, 16445, 16446, 12222, 12223, 12224, 12225]);
+  assert.match(ports[0]!.what, /forwarded to a live control plane of cp1, cp2, cp3/);
 });
 
 test('networking: the cluster NIC on the switch, the host NIC restricted with SSH (and on the control plane the API server) on 127.0.0.1 only', () => {
@@ -148,6 +174,16 @@ test('verify: nodes must all be registered and Ready; kube-system pods Running',
   assert.is(judgeSystemPods({ items: [] }).ok, false);
   const pods = judgeSystemPods({ items: [{ metadata: { name: 'etcd-cp1' }, status: { phase: 'Running' } }, { metadata: { name: 'coredns-1' }, spec: { nodeName: 'w1' }, status: { phase: 'Pending' } }] });
   assert.equal(pods, { name: 'kube-system pods', ok: false, detail: 'coredns-1 Pending on w1', node: 'w1' });
+});
+
+test('verify, three control planes: an etcd member Ready on each, and a control plane holding the virtual IP', () => {
+  const ha = { ...config, nodes: [{ ...cp1 }, { ...cp1, name: 'cp2', ip: '10.77.0.11' }, { ...cp1, name: 'cp3', ip: '10.77.0.12' }, w1], controlPlane: { endpoint: '10.77.0.5', virtualIp: true } };
+  const etcd = (name: string, ready = 'True', phase = 'Running') => ({ metadata: { name: `etcd-${name}` }, status: { phase, conditions: [{ type: 'Ready', status: ready }] } });
+  assert.equal(judgeEtcd(ha, { items: [etcd('cp1'), etcd('cp2'), etcd('cp3')] }), { name: 'etcd members', ok: true, detail: '3 of 3 healthy' });
+  assert.equal(judgeEtcd(ha, { items: [etcd('cp1'), etcd('cp2', 'False')] }), { name: 'etcd members', ok: false, detail: 'not healthy: etcd-cp2, etcd-cp3', node: 'cp2' });
+  assert.equal(judgeVirtualIp(ha, { spec: { holderIdentity: 'cp3' } }), { name: 'virtual IP', ok: true, detail: '10.77.0.5 held by cp3' });
+  assert.equal(judgeVirtualIp(ha, undefined).ok, false);
+  assert.match(judgeVirtualIp(ha, { spec: { holderIdentity: 'w1' } }).detail, /no control plane holds kube-vip's lease plndr-cp-lock \(holder: w1\)/);
 });
 
 test('verify: the smoke pod runs the layout pause image, never pulled, on a worker, within the restricted Pod Security level', () => {

@@ -71,6 +71,12 @@ export interface ClusterConfig {
   /** dnsServers: resolvers beyond the cluster that CoreDNS and the nodes may ask; none by default (offline). */
   network: { nodeCidr: Cidr; podCidr: Cidr; serviceCidr: Cidr; dnsServers: string[] };
   nodes: NodeConfig[];
+  /**
+   * The API server's address for every node and for out/kubeconfig's cluster side: with
+   * three control planes a virtual IP (controlPlane.endpoint) that kube-vip moves to a
+   * live one; with one control plane, that node's own address.
+   */
+  controlPlane: { endpoint: string; virtualIp: boolean };
   selinux: SelinuxMode;
   /** Ports on 127.0.0.1 forwarded into the VMs: the API server, and SSH from sshBase upwards (one per node, in order). */
   hostPorts: { apiServer: number; sshBase: number };
@@ -107,6 +113,7 @@ export const configKeys = {
   kubernetes: { version: true },
   network: { nodeCidr: true, podCidr: true, serviceCidr: true, dnsServers: true },
   nodes: [{ name: true, role: true, ip: true, cpus: true, memory: true }],
+  controlPlane: { endpoint: true },
   hostPorts: { apiServer: true, sshBase: true },
   sshPublicKeyFile: true,
   mirrors: {
@@ -222,13 +229,20 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
 
   const dnsServers = parseDnsServers(r, netIn?.dnsServers, ranges);
   const nodes = parseNodes(r, root.nodes, nodeCidr);
+  const controlPlane = parseControlPlane(r, root.controlPlane, nodes, ranges);
   const selinux = r.oneOf(root.selinux ?? 'enforcing', 'selinux', selinuxModes);
 
   const portsIn = root.hostPorts === undefined ? {} : r.object(root.hostPorts, 'hostPorts', keysOf(configKeys.hostPorts));
   const apiServerPort = r.integer(portsIn?.apiServer ?? 6443, 'hostPorts.apiServer', 1024, 65535);
   const sshBase = r.integer(portsIn?.sshBase ?? 2222, 'hostPorts.sshBase', 1024, 65535 - Math.max(0, nodes.length - 1));
-  if (apiServerPort !== undefined && sshBase !== undefined && apiServerPort >= sshBase && apiServerPort < sshBase + nodes.length) {
-    r.problem('hostPorts.apiServer', `a port outside the SSH ports ${sshBase}-${sshBase + nodes.length - 1}`, String(apiServerPort));
+  // With three control planes the API server takes apiServer and one port per control plane above it.
+  const apiPorts = controlPlane?.virtualIp ? 1 + nodes.filter((n) => n.role === 'control-plane').length : 1;
+  if (apiServerPort !== undefined && apiServerPort + apiPorts - 1 > 65535) {
+    r.problem('hostPorts.apiServer', `a port at most ${65536 - apiPorts} (the ${apiPorts - 1} control planes take the ports above it)`, String(apiServerPort));
+  }
+  if (apiServerPort !== undefined && sshBase !== undefined && apiServerPort < sshBase + nodes.length && sshBase < apiServerPort + apiPorts) {
+    const taken = apiPorts > 1 ? ` (with the ports ${apiServerPort + 1}-${apiServerPort + apiPorts - 1} above it, one per control plane)` : '';
+    r.problem('hostPorts.apiServer', `a port${taken} outside the SSH ports ${sshBase}-${sshBase + nodes.length - 1}`, String(apiServerPort));
   }
 
   const keyPath = r.string(
@@ -256,6 +270,12 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
     );
   }
 
+  if (target === 'openstack' && controlPlane?.virtualIp) {
+    // Neutron's port security drops traffic for an address the port does not own: the
+    // virtual IP needs an allowed-address pair on each control plane's port, not made yet.
+    r.problem('controlPlane.endpoint', 'one control plane on target openstack (three behind a virtual IP run on qemu only, for now)', JSON.stringify(controlPlane.endpoint));
+  }
+
   r.check();
   return {
     file,
@@ -266,6 +286,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
     kubernetes: { version: versionText!.startsWith('v') ? versionText! : `v${versionText}` },
     network: { nodeCidr: nodeCidr!, podCidr: podCidr!, serviceCidr: serviceCidr!, dnsServers },
     nodes,
+    controlPlane: controlPlane ?? { endpoint: '', virtualIp: false },
     selinux: selinux!,
     hostPorts: { apiServer: apiServerPort!, sshBase: sshBase! },
     sshPublicKeyFile,
@@ -339,11 +360,60 @@ function parseNodes(r: Reader, value: unknown, nodeCidr: Cidr | undefined): Node
     }
   });
   const controlPlanes = list.filter((n) => (n as { role?: unknown } | null)?.role === 'control-plane').length;
-  if (controlPlanes === 0) r.problem('nodes', 'exactly one node with role "control-plane"', 'none');
-  if (controlPlanes > 1) {
-    r.problem('nodes', 'exactly one node with role "control-plane" (HA control planes are not supported yet)', `${controlPlanes}`);
+  if (!supportedControlPlanes.includes(controlPlanes)) {
+    r.problem('nodes', controlPlaneCountExpected(controlPlanes), controlPlanes === 0 ? 'none' : `${controlPlanes} nodes with role "control-plane"`);
   }
   return nodes;
+}
+
+/** 1 (no HA) or 3 (etcd keeps quorum with one of them down). */
+export const supportedControlPlanes = [1, 3];
+
+/** What the count of control planes must be, and why the count found is refused. */
+function controlPlaneCountExpected(found: number): string {
+  const base = '1 or 3 nodes with role "control-plane"';
+  if (found === 2) return `${base}: with 2, etcd needs both for a quorum, so it survives no failure and fails twice as often as with 1`;
+  if (found === 4) return `${base}: 4 survive one failure, as 3 do (a quorum of 4 is 3), with one more machine to lose`;
+  if (found > 4) return `${base} (corekube's HA is three control planes behind one virtual IP; more etcd members only slow every write)`;
+  return base;
+}
+
+/**
+ * controlPlane.endpoint: the virtual IP kube-vip holds on one control plane at a time.
+ * Required with three control planes, refused with one (that node's address is the endpoint).
+ * It must be a free host address of the cluster network: a node's address would be taken
+ * over by the VIP; one inside the pod or service range would be routed into the cluster.
+ */
+function parseControlPlane(r: Reader, value: unknown, nodes: NodeConfig[], ranges: [string, Cidr | undefined][]): ClusterConfig['controlPlane'] | undefined {
+  const controlPlanes = nodes.filter((n) => n.role === 'control-plane');
+  const cpIn = value === undefined ? {} : r.object(value, 'controlPlane', keysOf(configKeys.controlPlane));
+  if (!cpIn) return undefined;
+  const ha = controlPlanes.length > 1;
+  if (cpIn.endpoint === undefined) {
+    if (ha) {
+      r.problem('controlPlane.endpoint', `a free address in network.nodeCidr for the virtual IP of the ${controlPlanes.length} control planes (like "10.77.0.5")`, 'nothing');
+      return undefined;
+    }
+    return controlPlanes[0] ? { endpoint: controlPlanes[0].ip, virtualIp: false } : undefined;
+  }
+  const text = r.string(cpIn.endpoint, 'controlPlane.endpoint', 'an IPv4 address');
+  if (text === undefined) return undefined;
+  const ip = parseIPv4(text);
+  const nodeCidr = ranges.find(([key]) => key === 'nodeCidr')?.[1];
+  const found = JSON.stringify(text);
+  if (ip === undefined) return r.problem('controlPlane.endpoint', 'an IPv4 address (the virtual IP of the control planes)', found);
+  if (!ha) {
+    return r.problem('controlPlane.endpoint', 'nothing with one control plane (its own address is the endpoint); set it with three', found);
+  }
+  if (nodeCidr && !isHostAddress(nodeCidr, ip)) {
+    return r.problem('controlPlane.endpoint', `a host address inside network.nodeCidr (${nodeCidr.text}): kube-vip answers ARP for it on the cluster network`, found);
+  }
+  // Already outside them when network.* is valid (the ranges may not overlap); said here in case they do.
+  const clash = ranges.find(([key, cidr]) => key !== 'nodeCidr' && cidr && cidrContains(cidr, ip));
+  if (clash) return r.problem('controlPlane.endpoint', `an address outside network.${clash[0]} (${clash[1]!.text})`, found);
+  const owner = nodes.find((n) => n.ip === text);
+  if (owner) return r.problem('controlPlane.endpoint', `an address no node uses (it is ${owner.name}'s)`, found);
+  return { endpoint: text, virtualIp: true };
 }
 
 const openstackName = /^[\x21-\x7e][\x20-\x7e]{0,254}$/;

@@ -45,6 +45,35 @@ export function controlPlane(config: ClusterConfig): NodeConfig {
   return config.nodes.find((n) => n.role === 'control-plane')!;
 }
 
+/** Every control plane, in cluster.yaml's order; the first is the one that runs `kubeadm init` on a fresh cluster. */
+export function controlPlanes(config: ClusterConfig): NodeConfig[] {
+  return config.nodes.filter((n) => n.role === 'control-plane');
+}
+
+/** host:port of the API server for every node: the virtual IP with three control planes, else the control plane's address. */
+export function apiServerEndpoint(config: ClusterConfig): string {
+  return `${config.controlPlane?.endpoint || controlPlane(config).ip}:${apiServerPort}`;
+}
+
+/**
+ * /etc/corekube/control-plane.env, read by control-plane-up.sh: who initializes a fresh
+ * cluster, who the peers are, and the endpoint. Shell-safe by construction (names are
+ * DNS labels, addresses dotted quads).
+ */
+export function renderControlPlaneEnv(config: ClusterConfig, node: NodeConfig): string {
+  const cps = controlPlanes(config);
+  return [
+    '# corekube: the control planes of this cluster (generated from cluster.yaml)',
+    `COREKUBE_NODE_NAME=${node.name}`,
+    `COREKUBE_NODE_IP=${node.ip}`,
+    `COREKUBE_ENDPOINT=${config.controlPlane?.endpoint || node.ip}`,
+    `COREKUBE_VIRTUAL_IP=${config.controlPlane?.virtualIp ? 'yes' : 'no'}`,
+    `COREKUBE_INITIALIZER=${cps[0]!.name}`,
+    `COREKUBE_CONTROL_PLANES="${cps.map((n) => `${n.name}=${n.ip}`).join(' ')}"`,
+    '',
+  ].join('\n');
+}
+
 /**
  * The default route goes over the cluster NIC, so that kubeadm, the kubelet and flannel
  * all pick the cluster address (the user-mode NIC has the same 10.0.2.15 on every VM).
@@ -52,7 +81,8 @@ export function controlPlane(config: ClusterConfig): NodeConfig {
  */
 export function clusterGateway(config: ClusterConfig): string {
   const { nodeCidr } = config.network;
-  const used = new Set(config.nodes.map((n) => parseIPv4(n.ip)));
+  // Nor the virtual IP: traffic for the gateway would go to whichever control plane holds it.
+  const used = new Set([...config.nodes.map((n) => n.ip), ...(config.controlPlane?.virtualIp ? [config.controlPlane.endpoint] : [])].map((ip) => parseIPv4(ip)));
   const first = nodeCidr.network + 1;
   const last = nodeCidr.network + cidrSize(nodeCidr) - 2;
   return formatIPv4(used.has(first) ? last : first);
@@ -246,8 +276,7 @@ export function kubernetesMinor(version: string): number {
  * takes the kubelet's configuration from the cluster (what init uploaded).
  */
 export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeConfig, pki: KubeadmInputs): Doc[] {
-  const cp = controlPlane(config);
-  const endpoint = `${cp.ip}:${apiServerPort}`;
+  const endpoint = apiServerEndpoint(config);
   const workers = config.nodes.some((n) => n.role === 'worker');
   const nodeRegistration = {
     name: node.name,
@@ -273,6 +302,8 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
       },
     ];
   }
+  // With three control planes, every one but the first joins the cluster the first one made.
+  if (node.name !== controlPlanes(config)[0]!.name) return controlPlaneJoinDocuments(config, node, pki);
   const kubelet: Doc = {
     apiVersion: 'kubelet.config.k8s.io/v1beta1',
     kind: 'KubeletConfiguration',
@@ -311,7 +342,7 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
       imageRepository: 'registry.k8s.io',
       networking: { podSubnet: config.network.podCidr.text, serviceSubnet: config.network.serviceCidr.text, dnsDomain: 'cluster.local' },
       apiServer: {
-        certSANs: ['127.0.0.1', 'localhost', cp.ip, cp.name, ...openstackSANs(config)],
+        certSANs: ['127.0.0.1', 'localhost', ...apiServerSANs(config), ...openstackSANs(config)],
         extraArgs: [{ name: 'admission-control-config-file', value: `${nodePaths.admissionDir}/pod-security.yaml` }],
         extraVolumes: [{ name: 'admission', hostPath: nodePaths.admissionDir, mountPath: nodePaths.admissionDir, readOnly: true, pathType: 'Directory' }],
       },
@@ -320,6 +351,46 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
       ...(flexVolumeMount ? { controllerManager: { extraArgs: [{ name: 'flex-volume-plugin-dir', value: nodePaths.volumePluginDir }] } } : {}),
     },
     kubelet,
+  ];
+}
+
+/**
+ * The API server certificate's names: every control plane (any of them may answer), and
+ * the virtual IP (kubeadm adds controlPlaneEndpoint too; said here so the list is whole).
+ */
+function apiServerSANs(config: ClusterConfig): string[] {
+  const cps = controlPlanes(config);
+  return [...(config.controlPlane?.virtualIp ? [config.controlPlane.endpoint] : []), ...cps.map((n) => n.ip), ...cps.map((n) => n.name)];
+}
+
+/**
+ * `kubeadm join --control-plane` for a control plane: the shared CAs and the
+ * service-account key are already in /etc/kubernetes/pki (from Ignition), so no
+ * certificateKey and no --upload-certs secret; kubeadm makes this node's own certificates
+ * from them. Every control plane of an HA cluster gets it (kubeadm-join.yaml): the first
+ * one too, because a control plane that reboots comes back blank and must join the
+ * cluster the other two kept.
+ */
+export function controlPlaneJoinDocuments(config: ClusterConfig, node: NodeConfig, pki: KubeadmInputs): Doc[] {
+  const workers = config.nodes.some((n) => n.role === 'worker');
+  return [
+    {
+      apiVersion: 'kubeadm.k8s.io/v1beta4',
+      kind: 'JoinConfiguration',
+      discovery: { bootstrapToken: { apiServerEndpoint: apiServerEndpoint(config), token: pki.token, caCertHashes: [pki.caHash] } },
+      nodeRegistration: {
+        name: node.name,
+        criSocket: nodePaths.criSocket,
+        kubeletExtraArgs: [{ name: 'node-ip', value: node.ip }],
+        imagePullPolicy: 'Never',
+        ...(!workers ? { taints: [] } : {}),
+      },
+      controlPlane: { localAPIEndpoint: { advertiseAddress: node.ip, bindPort: apiServerPort } },
+      patches: { directory: nodePaths.kubeadmPatches },
+      // Slow first boots (TCG), and kubeadm's etcd calls wait while another control plane's
+      // learner is promoted (etcd admits one learner at a time).
+      timeouts: { discovery: '20m0s', tlsBootstrap: '10m0s', controlPlaneComponentHealthCheck: '10m0s', kubeletHealthCheck: '10m0s', etcdAPICall: '10m0s' },
+    },
   ];
 }
 
@@ -336,7 +407,7 @@ function ownedSettings(config: ClusterConfig, lock: Lock): { kind: string; path:
     { kind: 'ClusterConfiguration', path: ['networking', 'serviceSubnet'], value: config.network.serviceCidr.text, source: 'network.serviceCidr' },
     { kind: 'ClusterConfiguration', path: ['kubernetesVersion'], value: lock.kubernetes.version, source: 'kubernetes.version (as pinned in the lock)' },
     { kind: 'ClusterConfiguration', path: ['clusterName'], value: config.name, source: 'name' },
-    { kind: 'ClusterConfiguration', path: ['controlPlaneEndpoint'], value: `${controlPlane(config).ip}:${apiServerPort}`, source: 'the control-plane node ip' },
+    { kind: 'ClusterConfiguration', path: ['controlPlaneEndpoint'], value: apiServerEndpoint(config), source: config.controlPlane?.virtualIp ? 'controlPlane.endpoint' : 'the control-plane node ip' },
     { kind: 'KubeletConfiguration', path: ['cgroupDriver'], value: 'systemd', source: 'corekube (containerd runs with systemd cgroups)' },
     { kind: 'KubeletConfiguration', path: ['authentication', 'anonymous', 'enabled'], value: false, source: 'corekube (no anonymous kubelet access)' },
     { kind: 'KubeletConfiguration', path: ['authorization', 'mode'], value: 'Webhook', source: 'corekube (kubelet authorization through the API server)' },

@@ -47,13 +47,31 @@ export function sshPort(config: ClusterConfig, node: NodeConfig): number {
   return config.hostPorts.sshBase + config.nodes.findIndex((n) => n.name === node.name);
 }
 
+/**
+ * Where a control plane's API server is published on 127.0.0.1. One control plane: on
+ * hostPorts.apiServer itself. Three: each on a port of its own above it (apiServer + 1,
+ * + 2, + 3 in cluster.yaml's order), and hostPorts.apiServer is the forwarder that hands
+ * each connection to a live one (api-forward.ts).
+ */
+export function apiServerHostPort(config: ClusterConfig, node: NodeConfig): number {
+  if (!config.controlPlane?.virtualIp) return config.hostPorts.apiServer;
+  return config.hostPorts.apiServer + 1 + config.nodes.filter((n) => n.role === 'control-plane').findIndex((n) => n.name === node.name);
+}
+
+/** The forwarder's pid file and log (three control planes only). */
+export const apiForwardPidFile = join(runDir, 'api-forward.pid');
+export const apiForwardLog = join(logsDir, 'api-forward.log');
+
 /** Every port on 127.0.0.1 the cluster publishes, with what it is for (to report a clash). */
 export function publishedPorts(config: ClusterConfig): { port: number; what: string; field: string }[] {
-  const controlPlane = config.nodes.find((n) => n.role === 'control-plane')!;
-  return [
-    { port: config.hostPorts.apiServer, what: `the API server on ${controlPlane.name}`, field: 'hostPorts.apiServer' },
-    ...config.nodes.map((node) => ({ port: sshPort(config, node), what: `SSH to ${node.name}`, field: 'hostPorts.sshBase' })),
-  ];
+  const controlPlanes = config.nodes.filter((n) => n.role === 'control-plane');
+  const api = config.controlPlane?.virtualIp
+    ? [
+        { port: config.hostPorts.apiServer, what: `the API server, forwarded to a live control plane of ${controlPlanes.map((n) => n.name).join(', ')}`, field: 'hostPorts.apiServer' },
+        ...controlPlanes.map((node) => ({ port: apiServerHostPort(config, node), what: `the API server on ${node.name}`, field: 'hostPorts.apiServer (+1 per control plane)' })),
+      ]
+    : [{ port: config.hostPorts.apiServer, what: `the API server on ${controlPlanes[0]!.name}`, field: 'hostPorts.apiServer' }];
+  return [...api, ...config.nodes.map((node) => ({ port: sshPort(config, node), what: `SSH to ${node.name}`, field: 'hostPorts.sshBase' }))];
 }
 
 export function kvmUsable(device = '/dev/kvm'): boolean {
@@ -114,7 +132,7 @@ export function standInAppend(config: ClusterConfig, node: NodeConfig, extra = '
 export function qemuArgs(options: { config: ClusterConfig; node: NodeConfig; paths: NodePaths; accel: Accelerator; standIn?: StandIn }): string[] {
   const { config, node, paths, accel, standIn } = options;
   const forwards = [`hostfwd=tcp:127.0.0.1:${sshPort(config, node)}-:22`];
-  if (node.role === 'control-plane') forwards.push(`hostfwd=tcp:127.0.0.1:${config.hostPorts.apiServer}-:${apiServerGuestPort}`);
+  if (node.role === 'control-plane') forwards.push(`hostfwd=tcp:127.0.0.1:${apiServerHostPort(config, node)}-:${apiServerGuestPort}`);
   const osDrive = (image: string) => ['-drive', `if=virtio,file=${qemuValue(image)},format=qcow2`];
   const boot = standIn
     ? [...(standIn.disk ? osDrive(standIn.disk) : []), '-kernel', standIn.kernel, '-initrd', standIn.initrd, '-append', standInAppend(config, node, standIn.append)]

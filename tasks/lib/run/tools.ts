@@ -31,7 +31,7 @@ export const toolCatalogue = {
   openstack: { debian: 'python3-openstackclient', fedora: 'python3-openstackclient', purpose: 'drive the cloud (target openstack)' },
   // The tests' own tools: fixtures that stand in for upstream, and the checkers.
   gzip: { debian: 'gzip', fedora: 'gzip', purpose: 'fixture tarballs', test: true },
-  curl: { debian: 'curl', fedora: 'curl', purpose: 'the download reference in the benches', test: true },
+  curl: { debian: 'curl', fedora: 'curl', purpose: 'the download reference in the benches; the boot script\'s etcd calls in the rejoin test', test: true },
   'docker-registry': { debian: 'docker-registry', fedora: 'docker-distribution', purpose: 'the fixture registry', test: true },
   umoci: { debian: 'umoci', fedora: 'umoci', purpose: 'build the fixture images', test: true },
   busybox: { debian: 'busybox-static', fedora: 'busybox', purpose: 'the fixture images and the stand-in appliance', test: true, path: '/bin/busybox' },
@@ -41,6 +41,7 @@ export const toolCatalogue = {
   ignition: { debian: 'ignition', fedora: 'ignition', purpose: 'apply the Ignition configs to scratch roots', test: true, path: '/usr/lib/dracut/modules.d/30ignition/ignition' },
   setfiles: { debian: 'policycoreutils', fedora: 'policycoreutils', purpose: 'the relabel step Ignition runs', test: true },
   shellcheck: { debian: 'shellcheck', fedora: 'ShellCheck', purpose: 'check the boot scripts', test: true },
+  etcd: { debian: 'etcd-server', fedora: 'etcd', purpose: "the real etcd a rejoining control plane's boot script removes its stale member from", test: true },
   'systemd-analyze': { debian: 'systemd', fedora: 'systemd', purpose: 'verify the units', test: true },
   setpriv: { debian: 'util-linux', fedora: 'util-linux-core', purpose: 'fixture daemons die with their test', test: true },
   'dpkg-deb': { debian: 'dpkg', fedora: 'dpkg', purpose: "unpack Debian's kernel for the stand-in appliance", test: true },
