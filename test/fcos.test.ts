@@ -181,6 +181,47 @@ test('flannel as shipped: every container privileged (spc_t), flanneld pinned to
   assert.is(spec.hostNetwork, true, 'status.hostIP is the kubelet node-ip, the cluster address');
   const namespace = docs.find((d) => d.kind === 'Namespace');
   assert.is(namespace.metadata.labels['pod-security.kubernetes.io/enforce'], 'privileged');
+  // The flannel image's CNI configuration is installed by flannel's own installer: its image
+  // need not carry cp (upstream changed this in v0.28.6; `command: [cp]` here was the old shape).
+  const installCni = spec.initContainers.find((c: any) => c.name === 'install-cni');
+  assert.equal(installCni.command, ['/opt/bin/install-conf'], 'install-cni runs /opt/bin/install-conf, not cp');
+});
+
+/**
+ * Upstream's kube-flannel.yml with exactly corekube's documented changes (the header of
+ * manifests/10-flannel.yaml): the ConfigMap generated instead, images never pulled, every
+ * container privileged, flanneld on the node's cluster address.
+ */
+function withCorekubeChanges(upstream: any[]): any[] {
+  const docs = structuredClone(upstream).filter((d: any) => d.kind !== 'ConfigMap');
+  const daemonSet = docs.find((d: any) => d.kind === 'DaemonSet');
+  const spec = daemonSet.spec.template.spec;
+  for (const container of [...spec.initContainers, ...spec.containers]) {
+    container.imagePullPolicy = 'Never';
+    container.securityContext = { privileged: true };
+  }
+  const flanneld = spec.containers.find((c: any) => c.name === 'kube-flannel');
+  flanneld.args.push('--iface=$(NODE_IP)');
+  flanneld.env.unshift({ name: 'NODE_IP', valueFrom: { fieldRef: { fieldPath: 'status.hostIP' } } });
+  return docs;
+}
+
+test('flannel follows upstream kube-flannel.yml at the pinned tag, with only corekube\'s documented changes', () => {
+  const shipped = readFileSync(join(projectRoot, 'manifests', '10-flannel.yaml'), 'utf8');
+  const tag = /kube-flannel\.yml at tag (v\d+\.\d+\.\d+) /.exec(shipped)?.[1];
+  assert.ok(tag, 'the header names the upstream tag it follows');
+  const samples = join(projectRoot, 'test', 'fixtures', 'upstream-samples');
+  assert.ok(existsSync(join(samples, `kube-flannel-${tag}.yml`)), `upstream's kube-flannel.yml at ${tag} is kept in test/fixtures/upstream-samples`);
+  const upstream = parseAllDocuments(readFileSync(join(samples, `kube-flannel-${tag}.yml`), 'utf8')).map((d) => d.toJS()).filter(Boolean);
+  const ours = parseAllDocuments(shipped).map((d) => d.toJS()).filter(Boolean);
+  // Object for object, in upstream's order; within each, field for field (key order aside).
+  assert.equal(ours.map((d: any) => `${d.kind}/${d.metadata.name}`), withCorekubeChanges(upstream).map((d: any) => `${d.kind}/${d.metadata.name}`));
+  const expected = withCorekubeChanges(upstream);
+  ours.forEach((doc: any, i: number) => assert.equal(doc, expected[i], `${doc.kind}/${doc.metadata.name}`));
+  // The images the lock pins are the ones upstream names for that tag.
+  const images = (docs: any[]) => docs.flatMap((d: any) => (d.kind === 'DaemonSet' ? [...d.spec.template.spec.initContainers, ...d.spec.template.spec.containers].map((c: any) => c.image) : []));
+  assert.equal(images(ours), images(upstream));
+  assert.ok(images(ours).includes(`ghcr.io/flannel-io/flannel:${tag}`));
 });
 
 // The whole path for v1.36, SELinux permissive, upstream DNS: pki + ignition stages, then the real Ignition.
