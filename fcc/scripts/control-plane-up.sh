@@ -43,8 +43,10 @@ if [ ! -f "$state/kubeadm-init.done" ]; then
   touch "$state/kubeadm-init.done"
 fi
 
-for _ in $(seq 1 120); do
-  "${kubectl[@]}" get --raw /readyz --request-timeout=10s >/dev/null 2>&1 && break
+# The API server answers /readyz within 4 minutes of a successful init (a bound the unit's
+# TimeoutStartSec counts on).
+deadline=$((SECONDS + 240))
+until "${kubectl[@]}" get --raw /readyz --request-timeout=10s >/dev/null 2>&1 || [ "$SECONDS" -ge "$deadline" ]; do
   sleep 2
 done
 "${kubectl[@]}" get --raw /readyz --request-timeout=10s >/dev/null
