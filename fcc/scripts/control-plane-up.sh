@@ -39,7 +39,10 @@ if [ ! -f "$state/kubeadm-init.done" ]; then
   install -d -m 0755 "$pki"
   cp -p "$kept/ca.crt" "$kept/ca.key" "$pki/"
   touch "$state/kubeadm-init.started"
-  /usr/local/bin/kubeadm init --config /etc/corekube/kubeadm.yaml --skip-token-print
+  if ! /usr/local/bin/kubeadm init --config /etc/corekube/kubeadm.yaml --skip-token-print; then
+    echo "corekube: kubeadm init failed (its own message is above); systemd tries again, three tries in all, each after kubeadm reset" >&2
+    exit 1
+  fi
   touch "$state/kubeadm-init.done"
 fi
 
