@@ -129,8 +129,10 @@ test('two stand-in nodes boot through the real Ignition and systemd; every node 
   const started = Date.now();
   // The first kubeadm init and the first kubeadm join fail halfway (the stand-in's
   // fail-once, test/fixtures/upstream.ts): systemd retries each unit, which resets and tries again.
+  // A wider device timeout than systemd's 90 s: on a host busy with other emulated guests,
+  // udev has been seen to take longer than that to name the image disk by its label.
   const append = process.env.COREKUBE_STANDIN_APPEND;
-  process.env.COREKUBE_STANDIN_APPEND = `${append} corekube.standin.kubeadm=fail-once`;
+  process.env.COREKUBE_STANDIN_APPEND = `${append} corekube.standin.kubeadm=fail-once systemd.default_device_timeout_sec=300`;
   try {
     await build(pair, ['boot']);
   } finally {
