@@ -8,7 +8,7 @@
 import { createHash, createPublicKey, randomInt, X509Certificate } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { stringify } from 'yaml';
 import type { ClusterConfig } from './lib/inputs/config.ts';
 import { UserError } from './lib/errors.ts';
@@ -19,6 +19,17 @@ export const pkiDir = 'pki';
 export const kubeconfigOutput = 'kubeconfig';
 export const caValidityDays = 3650;
 export const adminValidityDays = 365;
+/**
+ * What corekube issues (the CA and the admin client certificate) starts this long before the
+ * build host's clock: a node whose clock is behind the host's rejects a certificate that is
+ * "not yet valid", and offline no time server corrects it. A bare-metal RTC kept in local time
+ * (a dual-boot habit) is read as UTC up to 12 h early (UTC-12) or 14 h late (UTC+14); a day
+ * covers that, with the build host's own error on top, and costs nothing against ten years.
+ * kubeadm backdates what it issues by 5 minutes (CertificateBackdate in
+ * cmd/kubeadm/app/constants/constants.go, applied in phases/certs/certlist.go GetConfig),
+ * enough for clock jitter, not for a clock that is hours off.
+ */
+export const certificateBackdateHours = 24;
 /** The admin certificate is re-made when it has less than this left. */
 export const adminRenewDays = 30;
 /** kubeadm (1.29+) binds this group to cluster-admin (ClusterRoleBinding kubeadm:cluster-admins), unlike system:masters it goes through RBAC. */
@@ -135,22 +146,67 @@ function checkCaPair(dir: string): void {
   if (!cert.ca) throw new UserError(`${join(dir, files.caCert)} is not a CA certificate (basicConstraints CA:TRUE). Make a new one with: make clean-pki`);
 }
 
-async function makeCa(dir: string, cluster: string, signal: AbortSignal): Promise<void> {
+/** openssl's time format for `openssl ca -startdate/-enddate` (GeneralizedTime, UTC). */
+export function opensslTime(date: Date): string {
+  return `${date.toISOString().replace(/[-:T]/g, '').slice(0, 14)}Z`;
+}
+
+/**
+ * Validity from `certificateBackdateHours` before now to `days` after now. `openssl req -x509`
+ * and `openssl x509` start a certificate now: `-not_before` exists only from OpenSSL 3.4, and
+ * Debian 12 ships 3.0. `openssl ca` takes -startdate and -enddate in every version corekube
+ * meets, so both certificates are signed by it, from a throwaway configuration and database.
+ */
+export function validity(now: Date, days: number): { startdate: string; enddate: string } {
+  return {
+    startdate: opensslTime(new Date(now.getTime() - certificateBackdateHours * 3_600_000)),
+    enddate: opensslTime(new Date(now.getTime() + days * 86_400_000)),
+  };
+}
+
+async function opensslCaConfig(work: string): Promise<string> {
+  const config = join(work, 'ca.cnf');
+  await writeFile(join(work, 'index.txt'), '');
+  await writeFile(
+    config,
+    [
+      '[ca]', 'default_ca = corekube',
+      '[corekube]',
+      // Relative to the working directory (openssl runs in `work`): no path is ever read as openssl's $variables.
+      'database = ./index.txt', 'new_certs_dir = .', 'serial = ./serial',
+      'default_md = sha256', 'policy = any', 'preserve = yes', 'unique_subject = no', 'copy_extensions = none', 'email_in_dn = no',
+      '[any]', 'organizationName = optional', 'commonName = supplied',
+      '[ca_ext]',
+      'basicConstraints = critical,CA:TRUE',
+      'keyUsage = critical,digitalSignature,keyEncipherment,keyCertSign',
+      'subjectKeyIdentifier = hash',
+      'authorityKeyIdentifier = keyid:always',
+      '[admin_ext]',
+      'basicConstraints = critical,CA:FALSE',
+      'keyUsage = critical,digitalSignature,keyEncipherment',
+      'extendedKeyUsage = clientAuth',
+      'authorityKeyIdentifier = keyid',
+      '',
+    ].join('\n'),
+  );
+  return config;
+}
+
+/** `openssl ca` signing a request, backdated (see validity); -rand_serial: no serial file to keep. */
+function signArgs(config: string, request: string, out: string, extensions: string, days: number): string[] {
+  const { startdate, enddate } = validity(new Date(), days);
+  return ['ca', '-batch', '-config', config, '-in', request, '-out', out, '-notext', '-rand_serial', '-startdate', startdate, '-enddate', enddate, '-extensions', extensions];
+}
+
+async function makeCa(outPki: string, cluster: string, signal: AbortSignal): Promise<void> {
+  // Absolute: openssl ca runs inside the work directory.
+  const dir = resolve(outPki);
   const work = await mkdtemp(join(dir, '.ca-'));
   try {
-    await runTool(
-      'openssl',
-      [
-        'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-sha256',
-        '-keyout', join(work, files.caKey),
-        '-out', join(work, files.caCert),
-        '-days', String(caValidityDays),
-        '-subj', `/CN=${cluster}-ca`,
-        '-addext', 'basicConstraints=critical,CA:TRUE',
-        '-addext', 'keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign',
-      ],
-      { signal },
-    );
+    const request = join(work, 'ca.csr');
+    await runTool('openssl', ['req', '-new', '-newkey', 'rsa:2048', '-nodes', '-keyout', join(work, files.caKey), '-out', request, '-subj', `/CN=${cluster}-ca`], { signal });
+    const config = await opensslCaConfig(work);
+    await runTool('openssl', [...signArgs(config, request, join(work, files.caCert), 'ca_ext', caValidityDays), '-selfsign', '-keyfile', join(work, files.caKey)], { signal, cwd: work });
     await chmod(join(work, files.caKey), 0o600);
     // The key first: a certificate without its key is never left behind.
     await rename(join(work, files.caKey), join(dir, files.caKey));
@@ -160,22 +216,18 @@ async function makeCa(dir: string, cluster: string, signal: AbortSignal): Promis
   }
 }
 
-async function makeAdminCertificate(dir: string, signal: AbortSignal): Promise<void> {
+async function makeAdminCertificate(outPki: string, signal: AbortSignal): Promise<void> {
+  const dir = resolve(outPki);
   const work = await mkdtemp(join(dir, '.admin-'));
   try {
     const key = join(work, files.adminKey);
     const request = join(work, 'admin.csr');
-    const extensions = join(work, 'ext.cnf');
     await runTool('openssl', ['req', '-new', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', request, '-subj', `/O=${adminGroup}/CN=${adminUser}`], { signal });
-    await writeFile(extensions, 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n');
+    const config = await opensslCaConfig(work);
     await runTool(
       'openssl',
-      [
-        'x509', '-req', '-sha256', '-in', request,
-        '-CA', join(dir, files.caCert), '-CAkey', join(dir, files.caKey), '-CAcreateserial', '-CAserial', join(work, 'ca.srl'),
-        '-days', String(adminValidityDays), '-extfile', extensions, '-out', join(work, files.adminCert),
-      ],
-      { signal },
+      [...signArgs(config, request, join(work, files.adminCert), 'admin_ext', adminValidityDays), '-cert', join(dir, files.caCert), '-keyfile', join(dir, files.caKey)],
+      { signal, cwd: work },
     );
     await chmod(key, 0o600);
     await rename(key, join(dir, files.adminKey));

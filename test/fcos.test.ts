@@ -114,6 +114,86 @@ function parseDuration(text: string): number {
   return Number(match![1] ?? 0) * 3600 + Number(match![2] ?? 0) * 60 + Number(match![3] ?? 0);
 }
 
+/**
+ * kubeadm's v1beta4 `timeouts` and their defaults, in minutes: SetDefaults_Timeouts in
+ * cmd/kubeadm/app/apis/kubeadm/v1beta4/defaults.go, values from cmd/kubeadm/app/constants.
+ */
+const kubeadmDefaultTimeouts: Record<string, number> = {
+  controlPlaneComponentHealthCheck: 4,
+  kubeletHealthCheck: 4,
+  kubernetesAPICall: 1,
+  etcdAPICall: 2,
+  tlsBootstrap: 5,
+  discovery: 5,
+  upgradeManifests: 5,
+};
+
+/** A Go duration as kubeadm's configuration writes it (20m0s, 1h0m0s, 90s), in minutes. */
+function goMinutes(text: string): number {
+  const parts = [...text.matchAll(/(\d+(?:\.\d+)?)(h|m|s)/g)];
+  assert.ok(parts.length > 0 && parts.map((p) => p[0]).join('') === text, `a Go duration: ${text}`);
+  return parts.reduce((sum, [, n, unit]) => sum + Number(n) * { h: 60, m: 1, s: 1 / 60 }[unit as 'h' | 'm' | 's'], 0);
+}
+
+/** A systemd time span as the units write it (50min, 15s, 3h, 0), in minutes. */
+function systemdMinutes(text: string): number {
+  const parts = [...text.matchAll(/(\d+)\s*(h|min|s)?/g)];
+  return parts.reduce((sum, [, n, unit]) => sum + Number(n) * (unit === 'h' ? 60 : unit === 's' ? 1 / 60 : unit === 'min' ? 1 : 1 / 60), 0);
+}
+
+/** The [Unit] and [Service] settings of a unit defined inline in a Butane file of fcc/. */
+function unitSettings(bu: string, name: string): Record<string, string> {
+  const doc = parseAllDocuments(readFileSync(join(projectRoot, 'fcc', bu), 'utf8'))[0]!.toJS();
+  const unit = doc.systemd.units.find((u: any) => u.name === name);
+  assert.ok(unit, `${bu} defines ${name}`);
+  return Object.fromEntries(
+    (unit.contents as string).split('\n').filter((l) => /^\w+=/.test(l)).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]),
+  );
+}
+
+/** Every timeout kubeadm has, as if each expired in turn: the configuration's, else kubeadm's default. */
+function kubeadmWorstCase(doc: Record<string, any>): number {
+  return Object.entries(kubeadmDefaultTimeouts).reduce((sum, [key, fallback]) => sum + (doc.timeouts?.[key] ? goMinutes(doc.timeouts[key]) : fallback), 0);
+}
+
+test('the kubeadm units outlast kubeadm\'s own timeouts, and systemd retries a failed try: a worker forever, the control plane three times', () => {
+  const c = config('v1.36.3');
+  const init = byKind(kubeadmDocuments(c, lock('v1.36.3'), c.nodes[0]!, pki)).InitConfiguration!;
+  const join_ = byKind(kubeadmDocuments(c, lock('v1.36.3'), c.nodes[1]!, pki)).JoinConfiguration!;
+  assert.ok(Object.keys(init.timeouts).every((k) => k in kubeadmDefaultTimeouts), `every timeout corekube sets is one kubeadm has: ${Object.keys(init.timeouts)}`);
+  assert.ok(Object.keys(join_.timeouts).every((k) => k in kubeadmDefaultTimeouts), `every timeout corekube sets is one kubeadm has: ${Object.keys(join_.timeouts)}`);
+
+  const cp = unitSettings('control-plane.bu', 'corekube-control-plane.service');
+  // control-plane-up.sh then waits up to 4 minutes for /readyz and applies the manifests (a minute, generously).
+  const cpNeeds = kubeadmWorstCase(init) + 4 + 1;
+  assert.ok(systemdMinutes(cp.TimeoutStartSec!) >= cpNeeds, `control plane: TimeoutStartSec=${cp.TimeoutStartSec} < ${cpNeeds} min that kubeadm init and the script may take`);
+  const worker = unitSettings('worker.bu', 'corekube-join.service');
+  const workerNeeds = kubeadmWorstCase(join_);
+  assert.ok(systemdMinutes(worker.TimeoutStartSec!) >= workerNeeds, `worker: TimeoutStartSec=${worker.TimeoutStartSec} < ${workerNeeds} min that kubeadm join may take`);
+
+  for (const [role, unit] of [['control plane', cp], ['worker', worker]] as const) {
+    assert.is(unit.Type, 'oneshot', role);
+    assert.is(unit.Restart, 'on-failure', `${role}: systemd runs a failed try again`);
+    assert.ok(systemdMinutes(unit.RestartSec ?? '0') > 0, `${role}: a pause between tries`);
+  }
+  // systemd never gives up on a worker: no start rate limit at all.
+  assert.is(worker.StartLimitIntervalSec, '0');
+  // The control plane: StartLimitBurst tries, within a window that holds them all (or the limit would never be reached).
+  const burst = Number(cp.StartLimitBurst);
+  assert.ok(burst >= 2, `StartLimitBurst=${cp.StartLimitBurst}`);
+  const tries = burst * (systemdMinutes(cp.TimeoutStartSec!) + systemdMinutes(cp.RestartSec!));
+  assert.ok(systemdMinutes(cp.StartLimitIntervalSec!) >= tries, `StartLimitIntervalSec=${cp.StartLimitIntervalSec} holds ${burst} whole tries (${tries} min)`);
+});
+
+test('time spans: Go durations and systemd spans read as minutes', () => {
+  assert.is(goMinutes('20m0s'), 20);
+  assert.is(goMinutes('1h0m30s'), 60.5);
+  assert.is(systemdMinutes('50min'), 50);
+  assert.is(systemdMinutes('3h'), 180);
+  assert.is(systemdMinutes('15s'), 0.25);
+  assert.is(systemdMinutes('0'), 0);
+});
+
 test('DNS offline: the kubelet hands pods a resolv.conf that is never the systemd-resolved stub; with no upstream it names the node itself', () => {
   const c = config('v1.35.7');
   const docs = byKind(kubeadmDocuments(c, lock('v1.35.7'), c.nodes[0]!, pki));
@@ -181,6 +261,47 @@ test('flannel as shipped: every container privileged (spc_t), flanneld pinned to
   assert.is(spec.hostNetwork, true, 'status.hostIP is the kubelet node-ip, the cluster address');
   const namespace = docs.find((d) => d.kind === 'Namespace');
   assert.is(namespace.metadata.labels['pod-security.kubernetes.io/enforce'], 'privileged');
+  // The flannel image's CNI configuration is installed by flannel's own installer: its image
+  // need not carry cp (upstream changed this in v0.28.6; `command: [cp]` here was the old shape).
+  const installCni = spec.initContainers.find((c: any) => c.name === 'install-cni');
+  assert.equal(installCni.command, ['/opt/bin/install-conf'], 'install-cni runs /opt/bin/install-conf, not cp');
+});
+
+/**
+ * Upstream's kube-flannel.yml with exactly corekube's documented changes (the header of
+ * manifests/10-flannel.yaml): the ConfigMap generated instead, images never pulled, every
+ * container privileged, flanneld on the node's cluster address.
+ */
+function withCorekubeChanges(upstream: any[]): any[] {
+  const docs = structuredClone(upstream).filter((d: any) => d.kind !== 'ConfigMap');
+  const daemonSet = docs.find((d: any) => d.kind === 'DaemonSet');
+  const spec = daemonSet.spec.template.spec;
+  for (const container of [...spec.initContainers, ...spec.containers]) {
+    container.imagePullPolicy = 'Never';
+    container.securityContext = { privileged: true };
+  }
+  const flanneld = spec.containers.find((c: any) => c.name === 'kube-flannel');
+  flanneld.args.push('--iface=$(NODE_IP)');
+  flanneld.env.unshift({ name: 'NODE_IP', valueFrom: { fieldRef: { fieldPath: 'status.hostIP' } } });
+  return docs;
+}
+
+test('flannel follows upstream kube-flannel.yml at the pinned tag, with only corekube\'s documented changes', () => {
+  const shipped = readFileSync(join(projectRoot, 'manifests', '10-flannel.yaml'), 'utf8');
+  const tag = /kube-flannel\.yml at tag (v\d+\.\d+\.\d+) /.exec(shipped)?.[1];
+  assert.ok(tag, 'the header names the upstream tag it follows');
+  const samples = join(projectRoot, 'test', 'fixtures', 'upstream-samples');
+  assert.ok(existsSync(join(samples, `kube-flannel-${tag}.yml`)), `upstream's kube-flannel.yml at ${tag} is kept in test/fixtures/upstream-samples`);
+  const upstream = parseAllDocuments(readFileSync(join(samples, `kube-flannel-${tag}.yml`), 'utf8')).map((d) => d.toJS()).filter(Boolean);
+  const ours = parseAllDocuments(shipped).map((d) => d.toJS()).filter(Boolean);
+  // Object for object, in upstream's order; within each, field for field (key order aside).
+  assert.equal(ours.map((d: any) => `${d.kind}/${d.metadata.name}`), withCorekubeChanges(upstream).map((d: any) => `${d.kind}/${d.metadata.name}`));
+  const expected = withCorekubeChanges(upstream);
+  ours.forEach((doc: any, i: number) => assert.equal(doc, expected[i], `${doc.kind}/${doc.metadata.name}`));
+  // The images the lock pins are the ones upstream names for that tag.
+  const images = (docs: any[]) => docs.flatMap((d: any) => (d.kind === 'DaemonSet' ? [...d.spec.template.spec.initContainers, ...d.spec.template.spec.containers].map((c: any) => c.image) : []));
+  assert.equal(images(ours), images(upstream));
+  assert.ok(images(ours).includes(`ghcr.io/flannel-io/flannel:${tag}`));
 });
 
 // The whole path for v1.36, SELinux permissive, upstream DNS: pki + ignition stages, then the real Ignition.

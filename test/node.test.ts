@@ -127,7 +127,17 @@ test('two stand-in nodes boot through the real Ignition and systemd; every node 
   pair = workspace(['{name: cp1, role: control-plane, ip: 10.77.0.10, memory: 2GiB}', '{name: w1, role: worker, ip: 10.77.0.21, memory: 1536MiB}'], await freePorts(2));
   await build(pair, ['disk', 'ignition']);
   const started = Date.now();
-  await build(pair, ['boot']);
+  // The first kubeadm init and the first kubeadm join fail halfway (the stand-in's
+  // fail-once, test/fixtures/upstream.ts): systemd retries each unit, which resets and tries again.
+  // A wider device timeout than systemd's 90 s: on a host busy with other emulated guests,
+  // udev has been seen to take longer than that to name the image disk by its label.
+  const append = process.env.COREKUBE_STANDIN_APPEND;
+  process.env.COREKUBE_STANDIN_APPEND = `${append} corekube.standin.kubeadm=fail-once systemd.default_device_timeout_sec=300`;
+  try {
+    await build(pair, ['boot']);
+  } finally {
+    process.env.COREKUBE_STANDIN_APPEND = append;
+  }
   reports = await waitForReports(pair, ['cp1', 'w1']);
   bootSeconds = (Date.now() - started) / 1000;
   console.log(`    (2 stand-in nodes from QEMU start to their reports in ${bootSeconds.toFixed(0)} s under TCG)`);
@@ -158,6 +168,8 @@ test('every corekube unit reached its state: the image disk read-only, the binar
     for (const name of ['corekube-install.service', 'corekube-images.service', node === 'cp1' ? 'corekube-control-plane.service' : 'corekube-join.service']) {
       assert.equal([unit(name).ActiveState, unit(name).Result, unit(name).ExecMainStatus], ['active', 'success', '0'], `${node}: ${name}`);
     }
+    // The kubeadm unit failed once (fail-once) and systemd ran it again.
+    assert.is(unit(node === 'cp1' ? 'corekube-control-plane.service' : 'corekube-join.service').NRestarts, '1', `${node}: restarts`);
     assert.equal(one(report, 'local-bin').trim().split(' ').sort(), ['containerd', 'containerd-shim-runc-v2', 'crictl', 'ctr', 'kubeadm', 'kubectl', 'kubelet', 'runc']);
     assert.equal(one(report, 'cni-bin').trim().split(' ').sort(), ['bridge', 'host-local', 'loopback', 'portmap']);
     assert.equal([unit('containerd.service').ActiveState, unit('containerd.service').SubState], ['active', 'running'], `${node}: containerd`);
@@ -188,7 +200,7 @@ test('containerd lists exactly the lock\'s image names (tag and digest refs), ev
   }
 });
 
-test('kubelet started with kubeadm\'s drop-in; cp1 ran kubeadm init with its config once, w1 kubeadm join once', () => {
+test('kubelet started with kubeadm\'s drop-in; a kubeadm init and a kubeadm join that failed halfway are retried by systemd after kubeadm reset, the cluster CA kept', () => {
   for (const node of ['cp1', 'w1']) onNode(pair, node, () => {
     const records = values(reports.get(node)!, 'record');
     const kubelet = records.filter((r) => r.startsWith('kubelet argv '));
@@ -197,14 +209,24 @@ test('kubelet started with kubeadm\'s drop-in; cp1 ran kubeadm init with its con
     const kubeadm = records.filter((r) => r.startsWith('kubeadm argv '));
     const config = sha256(readFileSync(join(pair.outDir, 'files', node, 'kubeadm.yaml')));
     if (node === 'cp1') {
-      assert.equal(kubeadm, ['kubeadm argv init --config /etc/corekube/kubeadm.yaml --skip-token-print']);
+      const init = 'kubeadm argv init --config /etc/corekube/kubeadm.yaml --skip-token-print';
+      // The retry reset what the failed try left (its preflight would refuse the manifests), then ran init again.
+      assert.equal(kubeadm, [init, 'kubeadm argv reset --force', init]);
+      assert.ok(records.includes('kubeadm failed-once init'), records.join('\n'));
+      assert.not.ok(records.some((r) => r.startsWith('kubeadm preflight')), records.join('\n'));
+      // Both inits signed with the cluster CA made at build time, though kubeadm reset empties /etc/kubernetes/pki.
+      const ca = ['crt', 'key'].map((ext) => `kubeadm pki ca.${ext} sha256=${sha256(readFileSync(join(pair.outDir, 'pki', `ca.${ext}`)))}`);
+      assert.equal(records.filter((r) => r.startsWith('kubeadm pki ')), [...ca, ...ca], records.join('\n'));
       assert.ok(records.includes(`kubeadm file /etc/corekube/kubeadm.yaml sha256=${config} kinds=InitConfiguration,ClusterConfiguration,KubeletConfiguration,`), records.join('\n'));
       // control-plane-up.sh then waited for /readyz and applied the CNI's config and manifests/.
       assert.ok(records.includes('kubectl argv --kubeconfig /etc/kubernetes/admin.conf apply -f /etc/corekube/manifests/'), records.join('\n'));
       assert.ok(records.some((r) => /^kubectl argv --kubeconfig \/etc\/kubernetes\/admin\.conf apply -f \/var\/mnt\/corekube\/manifests\/.*flannel.*\.yaml$/.test(r)), records.join('\n'));
     } else {
-      // Once: the stand-in applies kubeadm join's FileAvailable preflight, which an Ignition-written ca.crt would fail.
-      assert.equal(kubeadm, ['kubeadm argv join --config /etc/corekube/kubeadm.yaml']);
+      // The stand-in applies kubeadm join's FileAvailable preflight, which an Ignition-written
+      // ca.crt, or the one a failed try fetched by discovery, would fail: reset between the tries.
+      const joinArgv = 'kubeadm argv join --config /etc/corekube/kubeadm.yaml';
+      assert.equal(kubeadm, [joinArgv, 'kubeadm argv reset --force', joinArgv]);
+      assert.ok(records.includes('kubeadm failed-once join'), records.join('\n'));
       assert.not.ok(records.some((r) => r.startsWith('kubeadm preflight')), records.join('\n'));
       assert.ok(records.includes(`kubeadm file /etc/corekube/kubeadm.yaml sha256=${config} kinds=JoinConfiguration,`), records.join('\n'));
     }

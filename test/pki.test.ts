@@ -1,7 +1,7 @@
 // The pki stage with the real openssl: a CA made once and kept, keys 0600, the admin
 // client certificate for a group bound to cluster-admin, the kubeadm join hash checked
 // against the openssl pipeline kubeadm's documentation gives, renewal, a broken CA.
-import { execFileSync, execSync } from 'node:child_process';
+import { execFileSync, execSync, spawnSync } from 'node:child_process';
 import { createPublicKey, X509Certificate } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -10,7 +10,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { parse } from 'yaml';
 import { runStages } from '../tasks/lib/run/engine.ts';
-import { adminGroup, pkiStage } from '../tasks/pki.ts';
+import { adminGroup, certificateBackdateHours, opensslTime, pkiStage } from '../tasks/pki.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
 import { loud, makeWorkspace, projectRoot, type Workspace } from './helpers.ts';
 
@@ -73,6 +73,36 @@ test('makes a 10-year CA, an admin client certificate, a token and the host kube
   execFileSync('openssl', ['dgst', '-sha256', '-sign', join(dir, 'admin.key'), '-out', `${message}.sig`, message]);
   execFileSync('sh', ['-c', `openssl x509 -pubkey -noout -in ${join(dir, 'admin.crt')} > ${message}.pub`]);
   execFileSync('openssl', ['dgst', '-sha256', '-verify', `${message}.pub`, '-signature', `${message}.sig`, message]);
+});
+
+test('the CA and the admin certificate start a day before the build: a node whose clock is hours behind the host accepts them', () => {
+  const dir = join(ws.outDir, 'pki');
+  const hour = 3_600_000;
+  const built = Date.now();
+  for (const name of ['ca.crt', 'admin.crt']) {
+    const cert = new X509Certificate(readFileSync(join(dir, name)));
+    const backdate = (built - Date.parse(cert.validFrom)) / hour;
+    // The stage ran moments ago: NotBefore is certificateBackdateHours before that.
+    assert.ok(backdate >= certificateBackdateHours && backdate < certificateBackdateHours + 0.5, `${name}: NotBefore ${cert.validFrom}, ${backdate.toFixed(2)} h before now`);
+  }
+  // The chain as a node checks it, at the node's clock: 14 h behind (a bare-metal RTC kept in
+  // local time, read as UTC) and 23 h behind pass; a day and more fails as "not yet valid".
+  const verifyAt = (hoursBehind: number) =>
+    spawnSync('openssl', ['verify', '-attime', String(Math.floor((built - hoursBehind * hour) / 1000)), '-CAfile', join(dir, 'ca.crt'), join(dir, 'admin.crt')], { encoding: 'utf8' });
+  for (const behind of [0, 14, 23]) {
+    const result = verifyAt(behind);
+    assert.is(result.status, 0, `${behind} h behind: ${result.stdout}${result.stderr}`);
+  }
+  const early = verifyAt(certificateBackdateHours + 1);
+  assert.is.not(early.status, 0);
+  assert.match(early.stdout + early.stderr, /certificate is not yet valid/);
+  // Both keep their length from now on: ten years for the CA.
+  const ca = new X509Certificate(readFileSync(join(dir, 'ca.crt')));
+  assert.ok(Math.abs(Date.parse(ca.validTo) - (built + 3650 * day)) < hour, ca.validTo);
+});
+
+test('opensslTime: the GeneralizedTime openssl ca -startdate takes', () => {
+  assert.is(opensslTime(new Date('2026-12-07T01:02:03.456Z')), '20261207010203Z');
 });
 
 test('the CA and the token survive a forced rebuild and a make clean', async () => {

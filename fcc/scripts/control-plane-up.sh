@@ -21,12 +21,22 @@
 # The virtual IP (kube-vip) goes in as a static pod before kubeadm runs: with
 # super-admin.conf for init (admin.conf has no rights before init binds its group), with
 # admin.conf for a join and, once init is done, on the initializer too.
+#
+# One try per run; systemd runs it again when it fails (Restart=on-failure in the unit).
+# kubeadm init counts as done only once it returned 0 (a marker under /var/lib/corekube):
+# kubeadm writes admin.conf early, long before the bootstrap token, kube-proxy and CoreDNS.
+# A try that started kubeadm init and did not see it finish is undone with kubeadm reset,
+# which empties /etc/kubernetes/pki: what Ignition wrote there (the cluster CA, and with
+# three control planes the shared CAs and keys) is kept aside first and put back before
+# kubeadm runs again.
 set -euo pipefail
 
 disk=${COREKUBE_DISK:-/var/mnt/corekube}
 etc=${COREKUBE_ETC:-/etc/corekube}
 pki=${COREKUBE_PKI:-/etc/kubernetes/pki}
 manifests=${COREKUBE_STATIC_PODS:-/etc/kubernetes/manifests}
+state=${COREKUBE_STATE:-/var/lib/corekube}
+kept=$state/ignition-pki
 admin=/etc/kubernetes/admin.conf
 kubectl=(/usr/local/bin/kubectl --kubeconfig "$admin")
 # How long the initializer looks for an existing cluster before it makes a new one.
@@ -99,15 +109,48 @@ remove_stale_member() {
   return 1
 }
 
+# Keeps what Ignition wrote to $pki aside (once), for the retries after a kubeadm reset.
+keep_ignition_pki() {
+  if [ -d "$kept" ]; then return 0; fi
+  if [ ! -f "$pki/ca.crt" ] || [ ! -f "$pki/ca.key" ]; then
+    log "the cluster CA is missing from $pki (Ignition writes ca.crt and ca.key there from out/pki; rebuild the configs: make ignition boot)"
+    exit 1
+  fi
+  mkdir -p "$state"
+  cp -a "$pki" "$kept"
+  chmod 0700 "$kept"
+}
+
+restore_ignition_pki() {
+  rm -rf "$pki"
+  cp -a "$kept" "$pki"
+  chmod 0755 "$pki"
+}
+
+# kubeadm init, once: a try that started and did not finish is reset first (kubeadm
+# init's preflight refuses the files, the manifests and the etcd data it left).
+init_cluster() {
+  if [ -f "$state/kubeadm-init.started" ]; then
+    log "an earlier kubeadm init on this node did not finish: kubeadm reset, then kubeadm init again"
+    /usr/local/bin/kubeadm reset --force
+    # reset empties the etcd data directory only through the etcd manifest it finds.
+    if [ -d /var/lib/etcd ]; then find /var/lib/etcd -mindepth 1 -delete; fi
+    restore_ignition_pki
+  fi
+  touch "$state/kubeadm-init.started"
+  if ! /usr/local/bin/kubeadm init --config "$etc/kubeadm.yaml" --skip-token-print; then
+    log "kubeadm init failed (its own message is above); systemd tries again, three tries in all, each after kubeadm reset"
+    exit 1
+  fi
+  touch "$state/kubeadm-init.done"
+}
+
 install_vip() {
   install -m 0644 "$etc/kube-vip/$1.yaml" "$manifests/kube-vip.yaml"
 }
 
 join_control_plane() {
   local attempt
-  # kubeadm reset empties the certificates directory; the build's shared PKI is kept aside.
-  mkdir -p /run/corekube
-  [ -d /run/corekube/pki ] || cp -a "$pki" /run/corekube/pki
   for attempt in $(seq 1 20); do
     install_vip join
     # This node's etcd client certificate (made from the etcd CA it holds, as the join
@@ -115,12 +158,13 @@ join_control_plane() {
     if /usr/local/bin/kubeadm join phase control-plane-prepare certs --config "$etc/kubeadm-join.yaml" &&
       remove_stale_member &&
       /usr/local/bin/kubeadm join --config "$etc/kubeadm-join.yaml"; then
+      touch "$state/kubeadm-join.done"
       log "joined the control planes"
       return 0
     fi
     log "join attempt $attempt failed; resetting and trying again"
     /usr/local/bin/kubeadm reset --force >/dev/null 2>&1 || true
-    rm -rf "$pki" && cp -a /run/corekube/pki "$pki"
+    restore_ignition_pki
     sleep 10
   done
   log "could not join the other control planes"
@@ -128,14 +172,23 @@ join_control_plane() {
 }
 
 bring_up() {
-  if [ -f "$admin" ]; then
+  if [ -f "$state/kubeadm-init.done" ] || [ -f "$state/kubeadm-join.done" ]; then
     return 0
   fi
+  keep_ignition_pki
   if [ "${COREKUBE_VIRTUAL_IP:-no}" != yes ]; then
-    /usr/local/bin/kubeadm init --config "$etc/kubeadm.yaml" --skip-token-print
+    init_cluster
     return 0
   fi
   mkdir -p "$manifests"
+  # A half-done init of this node's own would answer as "the cluster": undo it before looking.
+  if [ -f "$state/kubeadm-init.started" ]; then
+    log "an earlier kubeadm init on this node did not finish: kubeadm reset before looking for the cluster"
+    /usr/local/bin/kubeadm reset --force
+    if [ -d /var/lib/etcd ]; then find /var/lib/etcd -mindepth 1 -delete; fi
+    restore_ignition_pki
+    rm -f "$state/kubeadm-init.started"
+  fi
   local found deadline
   if [ "$COREKUBE_NODE_NAME" = "$COREKUBE_INITIALIZER" ]; then
     deadline=$((SECONDS + look))
@@ -143,7 +196,7 @@ bring_up() {
     if [ -z "${found:-}" ]; then
       log "no API server of this cluster answers at $COREKUBE_ENDPOINT or the other control planes: kubeadm init"
       install_vip init
-      /usr/local/bin/kubeadm init --config "$etc/kubeadm.yaml" --skip-token-print
+      init_cluster
       return 0
     fi
   else
@@ -158,11 +211,13 @@ main() {
   [ -f "$etc/control-plane.env" ] && . "$etc/control-plane.env"
   bring_up
 
-  for _ in $(seq 1 120); do
-    "${kubectl[@]}" get --raw /readyz >/dev/null 2>&1 && break
+  # The API server answers /readyz within 4 minutes of a successful init or join (a bound
+  # the unit's TimeoutStartSec counts on).
+  local deadline=$((SECONDS + 240))
+  until "${kubectl[@]}" get --raw /readyz --request-timeout=10s >/dev/null 2>&1 || [ "$SECONDS" -ge "$deadline" ]; do
     sleep 2
   done
-  "${kubectl[@]}" get --raw /readyz >/dev/null
+  "${kubectl[@]}" get --raw /readyz --request-timeout=10s >/dev/null
 
   # After init, kube-vip leaves super-admin.conf (system:masters) for admin.conf, whose
   # group init has now bound to cluster-admin; the kubelet restarts it with the new file.

@@ -1,21 +1,30 @@
 #!/bin/bash
 # corekube-join.service: kubeadm join with the bootstrap token and the CA hash known at
-# build time (both in /etc/corekube/kubeadm.yaml). Retries while the control plane is
-# still coming up; idempotent once joined.
+# build time (both in /etc/corekube/kubeadm.yaml). One try per run: systemd runs it again,
+# after a pause, for as long as it fails (Restart=on-failure, no start limit), since the
+# control plane may still be coming up. Idempotent once joined.
+#
+# The join counts as done only once kubeadm join returned 0 (a marker under
+# /var/lib/corekube). A try that started kubeadm join and did not see it finish left files
+# that kubeadm join's preflight refuses (ca.crt, bootstrap-kubelet.conf): kubeadm reset
+# removes them first. A worker holds nothing else under /etc/kubernetes.
 set -euo pipefail
 
-if [ -f /etc/kubernetes/kubelet.conf ]; then
+state=/var/lib/corekube
+
+if [ -f "$state/kubeadm-join.done" ]; then
   echo "corekube: already joined"
   exit 0
 fi
-for attempt in $(seq 1 60); do
-  if /usr/local/bin/kubeadm join --config /etc/corekube/kubeadm.yaml; then
-    echo "corekube: joined"
-    exit 0
-  fi
-  echo "corekube: join attempt $attempt failed; the control plane may still be starting" >&2
-  /usr/local/bin/kubeadm reset --force >/dev/null 2>&1 || true
-  sleep 10
-done
-echo "corekube: could not join the control plane" >&2
-exit 1
+mkdir -p "$state"
+if [ -f "$state/kubeadm-join.started" ]; then
+  echo "corekube: an earlier kubeadm join on this node did not finish: kubeadm reset, then kubeadm join again"
+  /usr/local/bin/kubeadm reset --force
+fi
+touch "$state/kubeadm-join.started"
+if ! /usr/local/bin/kubeadm join --config /etc/corekube/kubeadm.yaml; then
+  echo "corekube: kubeadm join failed (the control plane may still be starting); systemd tries again" >&2
+  exit 1
+fi
+touch "$state/kubeadm-join.done"
+echo "corekube: joined"
