@@ -9,7 +9,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { unbundle, writeBundle } from '../tasks/bundle.ts';
+import { unbundle, writeBundle } from '../tasks/bundle/read.ts';
 import { artifactKeys } from '../tasks/lib/inputs/lock.ts';
 import { ociLayoutFile, serializeIndex, withRef, type OciIndex } from '../tasks/lib/store/oci.ts';
 import { listFiles, makeWorkspace } from '../test/helpers.ts';

@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { stopCluster } from './boot.ts';
-import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle.ts';
+import { bundleNeeds, bundleTask, defaultBundlePath, unbundleTask } from './bundle/read.ts';
 import { defaultConfigFile, loadConfig, targets, type Target } from './lib/inputs/config.ts';
 import { defaultHttpSettings } from './lib/store/download.ts';
 import { formatPlan, runStages, selectStages } from './lib/run/engine.ts';
@@ -16,7 +16,7 @@ import { listrRenderer, type Renderer } from './lib/run/progress.ts';
 import { sshArgs } from './lib/node/qemu.ts';
 import { RunContext, type RunSettings } from './lib/run/stage.ts';
 import { dryRunPlan, openstackDown, openstackModes, openstackSshArgs } from './openstack.ts';
-import { pinResults, pinStage } from './pin.ts';
+import { pinResults, pinStage } from './pin/stage.ts';
 import { buildStages, stages, stagesFor } from './stages.ts';
 import { allTools, findOnPath, hostFamily, installCommands, MissingToolsError, missingTools, packagesFor, type ToolName } from './lib/run/tools.ts';
 

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { bundleLayout, manifestEntry, unbundle, verifyBundle, writeBundle, type BundleManifest, type BundleSummary } from '../tasks/bundle.ts';
+import { bundleLayout, manifestEntry, unbundle, verifyBundle, writeBundle, type BundleManifest, type BundleSummary } from '../tasks/bundle/read.ts';
 import { ChecksumError } from '../tasks/lib/store/cache.ts';
 import { diskStage } from '../tasks/disk.ts';
 import { runStages } from '../tasks/lib/run/engine.ts';

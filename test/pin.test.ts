@@ -29,7 +29,7 @@ import {
   resolveComponents,
   wantedImages,
   type PinResult,
-} from '../tasks/pin.ts';
+} from '../tasks/pin/stage.ts';
 import { findRef, readIndex } from '../tasks/lib/store/oci.ts';
 import { parseFcosStream } from '../tasks/lib/inputs/upstream.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';

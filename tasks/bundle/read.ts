@@ -25,14 +25,14 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { chmod, mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { tarBlock, tarEntries, tarEntryProblem, tarFailure, tarLayout, writeTar, type TarEntry, type TarSource } from './lib/store/archive.ts';
-import { ChecksumError, processAlive, sha256Hasher } from './lib/store/cache.ts';
-import { BatchedWriter, readChunks } from './lib/store/chunks.ts';
-import type { Progress } from './lib/store/download.ts';
-import { acquireRunLock } from './lib/run/engine.ts';
-import { UserError } from './lib/errors.ts';
-import { refName, storeDir } from './images.ts';
-import { lockedArtifacts, parseLock, storedSha256, type Lock } from './lib/inputs/lock.ts';
+import { tarBlock, tarEntries, tarEntryProblem, tarFailure, tarLayout, writeTar, type TarEntry, type TarSource } from '../lib/store/archive.ts';
+import { ChecksumError, processAlive, sha256Hasher } from '../lib/store/cache.ts';
+import { BatchedWriter, readChunks } from '../lib/store/chunks.ts';
+import type { Progress } from '../lib/store/download.ts';
+import { acquireRunLock } from '../lib/run/engine.ts';
+import { UserError } from '../lib/errors.ts';
+import { refName, storeDir } from '../images.ts';
+import { lockedArtifacts, parseLock, storedSha256, type Lock } from '../lib/inputs/lock.ts';
 import {
   blobPath,
   findRef,
@@ -46,9 +46,9 @@ import {
   serializeIndex,
   withRef,
   type OciIndex,
-} from './lib/store/oci.ts';
-import { formatBytes, progressMeter } from './lib/run/progress.ts';
-import type { RunContext, StageTask } from './lib/run/stage.ts';
+} from '../lib/store/oci.ts';
+import { formatBytes, progressMeter } from '../lib/run/progress.ts';
+import type { RunContext, StageTask } from '../lib/run/stage.ts';
 
 export const bundleFormat = 1;
 export const manifestEntry = 'corekube-bundle.json';

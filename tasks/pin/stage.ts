@@ -23,18 +23,18 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import pLimit from 'p-limit';
 import { parse as parseYamlScalar } from 'yaml';
-import { ChecksumError, removeQuietly, sha256Hasher, type Cache } from './lib/store/cache.ts';
-import { goArch, mirrorUrl, upstreamBases, type Architecture, type ClusterConfig, type DownloadFamily } from './lib/inputs/config.ts';
-import { downloadChunks, DownloadError, type DownloadOptions } from './lib/store/download.ts';
-import { writeAtomically } from './lib/run/engine.ts';
-import { ExitCode, InputError, isAbortError, OfflineError, UserError } from './lib/errors.ts';
-import { writeXzDecompressed } from './fetch.ts';
-import { kubeadmImages, moveBlobsIntoStore, readManifestImages, seededStagingLayout, skopeoCopy, storeDir, type ManifestImage } from './images.ts';
-import { checkLockMatchesConfig, lockedArtifacts, lockVersion, parseLock, type AnyArtifactKey, type Artifact, type ArtifactKey, type ImageRef, type Lock } from './lib/inputs/lock.ts';
-import { findRef, parseReference, readIndex, registryHasNoSuchImage, sha256Of, splitName } from './lib/store/oci.ts';
-import type { RunContext, Stage } from './lib/run/stage.ts';
-import { indentTail, runTool, ToolError } from './lib/run/tool.ts';
-import { parseChecksumFile, parseFcosRelease, parseFcosReleaseIndex, parseFcosStream, streamArchitectures, type FcosDisk } from './lib/inputs/upstream.ts';
+import { ChecksumError, removeQuietly, sha256Hasher, type Cache } from '../lib/store/cache.ts';
+import { goArch, mirrorUrl, upstreamBases, type Architecture, type ClusterConfig, type DownloadFamily } from '../lib/inputs/config.ts';
+import { downloadChunks, DownloadError, type DownloadOptions } from '../lib/store/download.ts';
+import { writeAtomically } from '../lib/run/engine.ts';
+import { ExitCode, InputError, isAbortError, OfflineError, UserError } from '../lib/errors.ts';
+import { writeXzDecompressed } from '../fetch.ts';
+import { kubeadmImages, moveBlobsIntoStore, readManifestImages, seededStagingLayout, skopeoCopy, storeDir, type ManifestImage } from '../images.ts';
+import { checkLockMatchesConfig, lockedArtifacts, lockVersion, parseLock, type AnyArtifactKey, type Artifact, type ArtifactKey, type ImageRef, type Lock } from '../lib/inputs/lock.ts';
+import { findRef, parseReference, readIndex, registryHasNoSuchImage, sha256Of, splitName } from '../lib/store/oci.ts';
+import type { RunContext, Stage } from '../lib/run/stage.ts';
+import { indentTail, runTool, ToolError } from '../lib/run/tool.ts';
+import { parseChecksumFile, parseFcosRelease, parseFcosReleaseIndex, parseFcosStream, streamArchitectures, type FcosDisk } from '../lib/inputs/upstream.ts';
 
 // ---- what to pin ------------------------------------------------------------------------
 
