@@ -53,24 +53,32 @@ export const diskStage: Stage = {
     const staging = join(outDir, `.disk-staging.${process.pid}`);
     const image = join(outDir, `.${diskOutput}.${process.pid}`);
     const manifestFile = join(outDir, `.disk-MANIFEST.${process.pid}.json`);
+    const phases: DiskPhases = { staging: 0, hashing: 0, mkfs: 0, fixup: 0, readBack: 0 };
+    const timed = async <T>(phase: keyof DiskPhases, work: Promise<T>): Promise<T> => {
+      const started = performance.now();
+      const result = await work;
+      phases[phase] = (performance.now() - started) / 1000;
+      return result;
+    };
     await rm(staging, { recursive: true, force: true });
     try {
       task.output = 'staging the tree';
-      const staged = await stageTree(ctx, staging);
+      const staged = await timed('staging', stageTree(ctx, staging));
       // mkfs.ext4 copies the tree while this process hashes it (MANIFEST.json and the
       // cache check): two cores, one read each. MANIFEST.json goes in with the fix-up.
       task.output = 'mkfs.ext4, hashing the tree';
       const uuid = diskUuid(ctx.config.name);
-      const [files] = await Promise.all([describeTree(staging), mkfsFromTree(staging, image, uuid, ctx.signal)]);
+      const [files] = await Promise.all([timed('hashing', describeTree(staging)), timed('mkfs', mkfsFromTree(staging, image, uuid, ctx.signal))]);
       checkStagedBytes(staged, files);
       const manifest: DiskManifest = { label: diskLabel, files };
       const manifestText = `${JSON.stringify(manifest, null, 1)}\n`;
       await writeFile(manifestFile, manifestText);
       task.output = `fix-up: ${files.length} files, ${formatMiB(files.reduce((n, f) => n + f.size, 0))}`;
-      await finishFilesystem(image, [...(await allPaths(staging)), { path: '/MANIFEST.json', mode: 0o644, dir: false, source: manifestFile }], ctx.signal);
+      await timed('fixup', (async () => finishFilesystem(image, [...(await allPaths(staging)), { path: '/MANIFEST.json', mode: 0o644, dir: false, source: manifestFile }], ctx.signal))());
       task.output = 'reading the disk back';
-      await verifyDisk(image, ctx.signal, { manifest, text: manifestText, tree: staging });
+      await timed('readBack', verifyDisk(image, ctx.signal, { manifest, text: manifestText, tree: staging }));
       await rename(image, join(outDir, diskOutput));
+      diskPhases.set(ctx, phases);
       // What the stamp records for the disk is what the read-back proved: its label, UUID and
       // MANIFEST.json, whose every file was just read off the disk and hashed. Hashing the
       // image's bytes too would read it a third time (fsck reads the disk back instead).
@@ -82,6 +90,20 @@ export const diskStage: Stage = {
     }
   },
 };
+
+/**
+ * Seconds each part of a disk run took (hashing and mkfs run side by side), by the run's
+ * context: the disk bench prints them beside mkfs.ext4 -d alone.
+ */
+export interface DiskPhases {
+  staging: number;
+  hashing: number;
+  mkfs: number;
+  /** debugfs writing MANIFEST.json and fixing every inode, then resize2fs -M. */
+  fixup: number;
+  readBack: number;
+}
+export const diskPhases = new WeakMap<RunContext, DiskPhases>();
 
 /** The digest the stamp records for a disk: of its label, UUID and MANIFEST.json (see run). */
 export function diskDigest(uuid: string, manifestText: string): string {
