@@ -64,19 +64,28 @@ export const diskStage: Stage = {
     try {
       task.output = 'staging the tree';
       const staged = await timed('staging', stageTree(ctx, staging));
-      // mkfs.ext4 copies the tree while this process hashes it (MANIFEST.json and the
-      // cache check): two cores, one read each. MANIFEST.json goes in with the fix-up.
+      // mkfs.ext4 copies the tree while this process hashes what did not come from the
+      // cache (for MANIFEST.json). MANIFEST.json goes in with the fix-up.
       task.output = 'mkfs.ext4, hashing the tree';
       const uuid = diskUuid(ctx.config.name);
-      const [files] = await Promise.all([timed('hashing', describeTree(staging)), timed('mkfs', mkfsFromTree(staging, image, uuid, ctx.signal))]);
-      checkStagedBytes(staged, files);
+      const [files] = await Promise.all([timed('hashing', describeTree(staging, staged.expected)), timed('mkfs', mkfsFromTree(staging, image, uuid, ctx.signal))]);
+      if (staged.problems.length > 0) await throwCacheProblems(staged, staging);
       const manifest: DiskManifest = { label: diskLabel, files };
       const manifestText = `${JSON.stringify(manifest, null, 1)}\n`;
       await writeFile(manifestFile, manifestText);
       task.output = `fix-up: ${files.length} files, ${formatMiB(files.reduce((n, f) => n + f.size, 0))}`;
       await timed('fixup', (async () => finishFilesystem(image, [...(await allPaths(staging)), { path: '/MANIFEST.json', mode: 0o644, dir: false, source: manifestFile }], ctx.signal))());
       task.output = 'reading the disk back';
-      await timed('readBack', verifyDisk(image, ctx.signal, { manifest, text: manifestText, tree: staging }));
+      // The read-back hashes what came from the cache (its digest is its name or the lock's:
+      // the check at use) and compares the rest with the bytes hashed for MANIFEST.json.
+      await timed(
+        'readBack',
+        verifyDisk(image, ctx.signal, { manifest, text: manifestText, tree: staging, hash: new Set(staged.expected.keys()) }).catch(async (error: unknown) => {
+          // A damaged cache entry shows here first: name it (and every other) as the cache's fault.
+          if (error instanceof DiskError) await throwCacheProblems(staged, staging);
+          throw error;
+        }),
+      );
       await rename(image, join(outDir, diskOutput));
       diskPhases.set(ctx, phases);
       // What the stamp records for the disk is what the read-back proved: its label, UUID and
@@ -157,9 +166,10 @@ interface Staged {
 }
 
 /**
- * Lays out the disk's tree in `staging` (hardlinks where it can). What each binary, each
- * tarball and each image blob must hash to is noted for checkStagedBytes: hashing the
- * tree for MANIFEST.json is also the cache check (each tarball is hashed as tar reads it).
+ * Lays out the disk's tree in `staging` (hardlinks where it can). What each binary and
+ * each image blob must hash to is noted: MANIFEST.json takes those digests, and the
+ * read-back hashes their bytes off the disk against them, which is the cache check
+ * (each tarball is hashed as tar reads it).
  */
 async function stageTree(ctx: RunContext, staging: string): Promise<Staged> {
   const { outDir } = ctx.settings;
@@ -201,13 +211,17 @@ async function stageTree(ctx: RunContext, staging: string): Promise<Staged> {
   return { expected, problems };
 }
 
-/** The cache check: every staged file that came from the cache hashed to what names it. */
-function checkStagedBytes({ expected, problems }: Staged, files: readonly ManifestEntry[]): void {
-  for (const file of files) {
-    const want = expected.get(file.path);
-    if (want && want.sha256 !== file.sha256) problems.push({ ...want, expected: want.sha256, found: file.sha256 });
+/**
+ * The cache check's slow path, when a tarball or the read-back failed: hashes every staged
+ * file that came from the cache and throws every mismatch at once, naming the entries.
+ */
+async function throwCacheProblems({ expected, problems }: Staged, staging: string): Promise<void> {
+  const all = [...problems];
+  for (const [path, want] of expected) {
+    const found = await hashFile(join(staging, path));
+    if (found !== want.sha256) all.push({ ...want, expected: want.sha256, found });
   }
-  if (problems.length > 0) throw new CacheMismatchError(problems);
+  if (all.length > 0) throw new CacheMismatchError(all);
 }
 
 /**
@@ -261,7 +275,12 @@ export function diskMode(path: string, info: Pick<Stats, 'mode' | 'isDirectory'>
   return path.startsWith('bin/') || path.startsWith('scripts/') || (info.mode & 0o111) !== 0 ? 0o755 : 0o644;
 }
 
-async function describeTree(root: string): Promise<ManifestEntry[]> {
+/**
+ * MANIFEST.json's entries: each file's size, mode and sha256; for a file from the cache
+ * the digest that names it (the read-back checks the bytes against it), for the rest
+ * (unpacked from tarballs, manifests, scripts) the hash of the staged file.
+ */
+async function describeTree(root: string, known: ReadonlyMap<string, { sha256: string }> = new Map()): Promise<ManifestEntry[]> {
   const files: ManifestEntry[] = [];
   const walk = async (dir: string) => {
     for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
@@ -270,7 +289,7 @@ async function describeTree(root: string): Promise<ManifestEntry[]> {
       else if (entry.isFile()) {
         const path = relative(root, full);
         const info = await stat(full);
-        files.push({ path, size: info.size, sha256: await hashFile(full), mode: diskMode(path, info) });
+        files.push({ path, size: info.size, sha256: known.get(path)?.sha256 ?? (await hashFile(full)), mode: diskMode(path, info) });
       } else {
         throw new UserError(`${full}: only files and directories can go on the image disk`);
       }
@@ -384,7 +403,11 @@ export async function finishFilesystem(image: string, paths: readonly DiskPath[]
  * manifest just written, it is one debugfs session: MANIFEST.json is read back as the
  * first file (it must be those bytes), the label from `stats` after the last.
  */
-export async function verifyDisk(image: string, signal?: AbortSignal, written?: { manifest: DiskManifest; text: string; tree: string }): Promise<DiskManifest> {
+export async function verifyDisk(
+  image: string,
+  signal?: AbortSignal,
+  written?: { manifest: DiskManifest; text: string; tree: string; hash?: ReadonlySet<string> },
+): Promise<DiskManifest> {
   let manifest: DiskManifest;
   let files: ManifestEntry[];
   if (written) {
@@ -400,7 +423,9 @@ export async function verifyDisk(image: string, signal?: AbortSignal, written?: 
     }
     files = manifest.files;
   }
-  const reference = written ? (file: ManifestEntry) => (file.path === 'MANIFEST.json' ? Buffer.from(written.text) : readFileSync(join(written.tree, file.path))) : undefined;
+  const reference = written
+    ? (file: ManifestEntry) => (file.path === 'MANIFEST.json' ? Buffer.from(written.text) : written.hash?.has(file.path) ? undefined : readFileSync(join(written.tree, file.path)))
+    : undefined;
   const { found, tail } = await hashFilesOnDisk(image, files, ['stats'], signal, reference);
   const label = /^Filesystem volume name:\s*(.*)$/m.exec(tail)?.[1]?.trim();
   if (label !== diskLabel) throw new DiskError(image, `label "${diskLabel}"`, `label "${label ?? ''}"`);
@@ -440,7 +465,7 @@ async function hashFilesOnDisk(
   files: ManifestEntry[],
   after: string[],
   signal?: AbortSignal,
-  reference?: (file: ManifestEntry) => Buffer,
+  reference?: (file: ManifestEntry) => Buffer | undefined,
 ): Promise<{ found: Map<string, { size: number; sha256: string }>; tail: string }> {
   const { located, tail } = await locateFiles(image, files, after, signal);
   const blockBytes = Number(/^Block size:\s*(\d+)$/m.exec(tail)?.[1]);
