@@ -5,7 +5,7 @@
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, readdirSync, readFileSync, statSync, type Stats } from 'node:fs';
-import { copyFile, link, mkdir, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { copyFile, link, mkdir, open, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { artifactRepair, blobRepair, CacheMismatchError, hashFile, type CacheProblem } from './lib/store/cache.ts';
 import { UserError } from './lib/errors.ts';
@@ -53,24 +53,41 @@ export const diskStage: Stage = {
     const staging = join(outDir, `.disk-staging.${process.pid}`);
     const image = join(outDir, `.${diskOutput}.${process.pid}`);
     const manifestFile = join(outDir, `.disk-MANIFEST.${process.pid}.json`);
+    const phases: DiskPhases = { staging: 0, hashing: 0, mkfs: 0, fixup: 0, readBack: 0 };
+    const timed = async <T>(phase: keyof DiskPhases, work: Promise<T>): Promise<T> => {
+      const started = performance.now();
+      const result = await work;
+      phases[phase] = (performance.now() - started) / 1000;
+      return result;
+    };
     await rm(staging, { recursive: true, force: true });
     try {
       task.output = 'staging the tree';
-      const staged = await stageTree(ctx, staging);
-      // mkfs.ext4 copies the tree while this process hashes it (MANIFEST.json and the
-      // cache check): two cores, one read each. MANIFEST.json goes in with the fix-up.
+      const staged = await timed('staging', stageTree(ctx, staging));
+      // mkfs.ext4 copies the tree while this process hashes what did not come from the
+      // cache (for MANIFEST.json). MANIFEST.json goes in with the fix-up.
       task.output = 'mkfs.ext4, hashing the tree';
       const uuid = diskUuid(ctx.config.name);
-      const [files] = await Promise.all([describeTree(staging), mkfsFromTree(staging, image, uuid, ctx.signal)]);
-      checkStagedBytes(staged, files);
+      const [files] = await Promise.all([timed('hashing', describeTree(staging, staged.expected)), timed('mkfs', mkfsFromTree(staging, image, uuid, ctx.signal))]);
+      if (staged.problems.length > 0) await throwCacheProblems(staged, staging);
       const manifest: DiskManifest = { label: diskLabel, files };
       const manifestText = `${JSON.stringify(manifest, null, 1)}\n`;
       await writeFile(manifestFile, manifestText);
       task.output = `fix-up: ${files.length} files, ${formatMiB(files.reduce((n, f) => n + f.size, 0))}`;
-      await finishFilesystem(image, [...(await allPaths(staging)), { path: '/MANIFEST.json', mode: 0o644, dir: false, source: manifestFile }], ctx.signal);
+      await timed('fixup', (async () => finishFilesystem(image, [...(await allPaths(staging)), { path: '/MANIFEST.json', mode: 0o644, dir: false, source: manifestFile }], ctx.signal))());
       task.output = 'reading the disk back';
-      await verifyDisk(image, ctx.signal, { manifest, text: manifestText, tree: staging });
+      // The read-back hashes what came from the cache (its digest is its name or the lock's:
+      // the check at use) and compares the rest with the bytes hashed for MANIFEST.json.
+      await timed(
+        'readBack',
+        verifyDisk(image, ctx.signal, { manifest, text: manifestText, tree: staging, hash: new Set(staged.expected.keys()) }).catch(async (error: unknown) => {
+          // A damaged cache entry shows here first: name it (and every other) as the cache's fault.
+          if (error instanceof DiskError) await throwCacheProblems(staged, staging);
+          throw error;
+        }),
+      );
       await rename(image, join(outDir, diskOutput));
+      diskPhases.set(ctx, phases);
       // What the stamp records for the disk is what the read-back proved: its label, UUID and
       // MANIFEST.json, whose every file was just read off the disk and hashed. Hashing the
       // image's bytes too would read it a third time (fsck reads the disk back instead).
@@ -82,6 +99,20 @@ export const diskStage: Stage = {
     }
   },
 };
+
+/**
+ * Seconds each part of a disk run took (hashing and mkfs run side by side), by the run's
+ * context: the disk bench prints them beside mkfs.ext4 -d alone.
+ */
+export interface DiskPhases {
+  staging: number;
+  hashing: number;
+  mkfs: number;
+  /** debugfs writing MANIFEST.json and fixing every inode, then resize2fs -M. */
+  fixup: number;
+  readBack: number;
+}
+export const diskPhases = new WeakMap<RunContext, DiskPhases>();
 
 /** The digest the stamp records for a disk: of its label, UUID and MANIFEST.json (see run). */
 export function diskDigest(uuid: string, manifestText: string): string {
@@ -135,9 +166,10 @@ interface Staged {
 }
 
 /**
- * Lays out the disk's tree in `staging` (hardlinks where it can). What each binary, each
- * tarball and each image blob must hash to is noted for checkStagedBytes: hashing the
- * tree for MANIFEST.json is also the cache check (each tarball is hashed as tar reads it).
+ * Lays out the disk's tree in `staging` (hardlinks where it can). What each binary and
+ * each image blob must hash to is noted: MANIFEST.json takes those digests, and the
+ * read-back hashes their bytes off the disk against them, which is the cache check
+ * (each tarball is hashed as tar reads it).
  */
 async function stageTree(ctx: RunContext, staging: string): Promise<Staged> {
   const { outDir } = ctx.settings;
@@ -179,13 +211,17 @@ async function stageTree(ctx: RunContext, staging: string): Promise<Staged> {
   return { expected, problems };
 }
 
-/** The cache check: every staged file that came from the cache hashed to what names it. */
-function checkStagedBytes({ expected, problems }: Staged, files: readonly ManifestEntry[]): void {
-  for (const file of files) {
-    const want = expected.get(file.path);
-    if (want && want.sha256 !== file.sha256) problems.push({ ...want, expected: want.sha256, found: file.sha256 });
+/**
+ * The cache check's slow path, when a tarball or the read-back failed: hashes every staged
+ * file that came from the cache and throws every mismatch at once, naming the entries.
+ */
+async function throwCacheProblems({ expected, problems }: Staged, staging: string): Promise<void> {
+  const all = [...problems];
+  for (const [path, want] of expected) {
+    const found = await hashFile(join(staging, path));
+    if (found !== want.sha256) all.push({ ...want, expected: want.sha256, found });
   }
-  if (problems.length > 0) throw new CacheMismatchError(problems);
+  if (all.length > 0) throw new CacheMismatchError(all);
 }
 
 /**
@@ -239,7 +275,12 @@ export function diskMode(path: string, info: Pick<Stats, 'mode' | 'isDirectory'>
   return path.startsWith('bin/') || path.startsWith('scripts/') || (info.mode & 0o111) !== 0 ? 0o755 : 0o644;
 }
 
-async function describeTree(root: string): Promise<ManifestEntry[]> {
+/**
+ * MANIFEST.json's entries: each file's size, mode and sha256; for a file from the cache
+ * the digest that names it (the read-back checks the bytes against it), for the rest
+ * (unpacked from tarballs, manifests, scripts) the hash of the staged file.
+ */
+async function describeTree(root: string, known: ReadonlyMap<string, { sha256: string }> = new Map()): Promise<ManifestEntry[]> {
   const files: ManifestEntry[] = [];
   const walk = async (dir: string) => {
     for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
@@ -248,7 +289,7 @@ async function describeTree(root: string): Promise<ManifestEntry[]> {
       else if (entry.isFile()) {
         const path = relative(root, full);
         const info = await stat(full);
-        files.push({ path, size: info.size, sha256: await hashFile(full), mode: diskMode(path, info) });
+        files.push({ path, size: info.size, sha256: known.get(path)?.sha256 ?? (await hashFile(full)), mode: diskMode(path, info) });
       } else {
         throw new UserError(`${full}: only files and directories can go on the image disk`);
       }
@@ -358,11 +399,15 @@ export async function finishFilesystem(image: string, paths: readonly DiskPath[]
 
 /**
  * Reads the disk back without mounting: the label, MANIFEST.json, then every file it
- * lists, streamed out of debugfs and hashed on the way (no copy, one pass). Given the
+ * lists, located by debugfs and read from the image's blocks (one pass). Given the
  * manifest just written, it is one debugfs session: MANIFEST.json is read back as the
  * first file (it must be those bytes), the label from `stats` after the last.
  */
-export async function verifyDisk(image: string, signal?: AbortSignal, written?: { manifest: DiskManifest; text: string; tree: string }): Promise<DiskManifest> {
+export async function verifyDisk(
+  image: string,
+  signal?: AbortSignal,
+  written?: { manifest: DiskManifest; text: string; tree: string; hash?: ReadonlySet<string> },
+): Promise<DiskManifest> {
   let manifest: DiskManifest;
   let files: ManifestEntry[];
   if (written) {
@@ -378,7 +423,9 @@ export async function verifyDisk(image: string, signal?: AbortSignal, written?: 
     }
     files = manifest.files;
   }
-  const reference = written ? (file: ManifestEntry) => (file.path === 'MANIFEST.json' ? Buffer.from(written.text) : readFileSync(join(written.tree, file.path))) : undefined;
+  const reference = written
+    ? (file: ManifestEntry) => (file.path === 'MANIFEST.json' ? Buffer.from(written.text) : written.hash?.has(file.path) ? undefined : readFileSync(join(written.tree, file.path)))
+    : undefined;
   const { found, tail } = await hashFilesOnDisk(image, files, ['stats'], signal, reference);
   const label = /^Filesystem volume name:\s*(.*)$/m.exec(tail)?.[1]?.trim();
   if (label !== diskLabel) throw new DiskError(image, `label "${diskLabel}"`, `label "${label ?? ''}"`);
@@ -398,85 +445,127 @@ export class DiskError extends UserError {
   }
 }
 
+/** Where a file's bytes lie in the image: its size and its extents, in filesystem blocks. */
+interface FileExtents {
+  size: number;
+  /** Blocks [logical, logical + length) of the file are at physical…; unwritten extents and holes read as zeros. */
+  extents: { logical: number; physical: number; length: number }[];
+}
+
 /**
- * `debugfs -f` echoes each command as "debugfs: cat /path\n", then the file's bytes follow.
- * Each file is hashed, or, given `reference` (the bytes it was made from, hashed for
- * MANIFEST.json moments ago), compared with them: the same proof for a fraction of the CPU.
+ * Reads every file back off the disk without mounting and without debugfs copying the
+ * bytes: one debugfs session names each file's size and extents (`stat`: libext2fs
+ * resolves the path, the inode and its extent tree, as `cat` would), then this process
+ * reads those blocks from the image in large reads and hashes each file, or, given
+ * `reference` (the bytes it was made from, hashed for MANIFEST.json moments ago), compares
+ * them: the same proof for a fraction of the CPU. `after`'s output comes back as `tail`.
  */
-function hashFilesOnDisk(
+async function hashFilesOnDisk(
   image: string,
   files: ManifestEntry[],
   after: string[],
   signal?: AbortSignal,
-  reference?: (file: ManifestEntry) => Buffer,
+  reference?: (file: ManifestEntry) => Buffer | undefined,
 ): Promise<{ found: Map<string, { size: number; sha256: string }>; tail: string }> {
+  const { located, tail } = await locateFiles(image, files, after, signal);
+  const blockBytes = Number(/^Block size:\s*(\d+)$/m.exec(tail)?.[1]);
+  if (!Number.isSafeInteger(blockBytes) || blockBytes <= 0) throw new DiskError(image, 'a block size in debugfs stats', JSON.stringify(tail.slice(0, 200)));
+  const results = new Map<string, { size: number; sha256: string }>();
+  const handle = await open(image, 'r');
+  try {
+    const chunk = Buffer.allocUnsafe(readChunkBytes);
+    for (const file of files) {
+      signal?.throwIfAborted();
+      const { size, extents } = located.get(file.path)!;
+      const expected = reference?.(file);
+      const hash = expected ? undefined : createHash('sha256');
+      let differsAt: number | undefined;
+      // The file's bytes in order, chunk by chunk: extents read from the image, gaps as zeros.
+      for (let at = 0; at < size; ) {
+        const length = Math.min(readChunkBytes, size - at);
+        chunk.fill(0, 0, length);
+        for (const extent of extents) {
+          const from = Math.max(at, extent.logical * blockBytes);
+          const to = Math.min(at + length, (extent.logical + extent.length) * blockBytes);
+          if (from >= to) continue;
+          const position = extent.physical * blockBytes + (from - extent.logical * blockBytes);
+          const { bytesRead } = await handle.read(chunk, from - at, to - from, position);
+          if (bytesRead !== to - from) throw new DiskError(image, `/${file.path}: ${size} bytes within the image`, `the image ends inside it`);
+        }
+        const bytes = chunk.subarray(0, length);
+        if (hash) hash.update(bytes);
+        else if (differsAt === undefined && (expected!.length < at + length || !bytes.equals(expected!.subarray(at, at + length)))) {
+          differsAt = at + firstDifference(bytes, expected!.subarray(at, at + length));
+        }
+        at += length;
+      }
+      const sha256 = hash
+        ? hash.digest('hex')
+        : differsAt === undefined && expected!.length === file.size && size === file.size
+          ? file.sha256
+          : `(not the bytes it was made from, from byte ${differsAt ?? Math.min(size, expected!.length)})`;
+      results.set(file.path, { size, sha256 });
+    }
+  } finally {
+    await handle.close();
+  }
+  return { found: results, tail };
+}
+
+const readChunkBytes = 8 << 20;
+
+function firstDifference(a: Buffer, b: Buffer): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
+  return n;
+}
+
+/**
+ * One `debugfs -f -` session: `stat "/path"` for each file (size, type and the extent
+ * list, like `(0-9):8-17, (10-24[u]):19-33`), then `after`. A file that is not there, not
+ * a regular file, or not stored in extents is reported as a DiskError.
+ */
+function locateFiles(image: string, files: ManifestEntry[], after: string[], signal?: AbortSignal): Promise<{ located: Map<string, FileExtents>; tail: string }> {
   return new Promise((resolvePromise, reject) => {
     const child = spawn('debugfs', ['-f', '-', image], { stdio: ['pipe', 'pipe', 'pipe'], signal });
-    const results = new Map<string, { size: number; sha256: string }>();
-    let current = 0;
-    let header = files.length > 0 ? Buffer.from(`debugfs: cat "/${files[0]!.path}"\n`) : Buffer.alloc(0);
-    let headerSeen = 0;
-    let remaining = files[0]?.size ?? 0;
-    let hash = createHash('sha256');
-    let size = 0;
-    let problem: string | undefined;
-    const tail: Buffer[] = [];
-    const load = (file: ManifestEntry | undefined) => (reference && file ? reference(file) : undefined);
-    let expected = load(files[0]);
-    let differsAt: number | undefined;
-    const finishFile = () => {
-      const file = files[current]!;
-      const sha256 = !expected
-        ? hash.digest('hex')
-        : differsAt === undefined && expected.length === file.size
-          ? file.sha256
-          : `(not the bytes it was made from, from byte ${differsAt ?? Math.min(size, expected.length)})`;
-      results.set(file.path, { size, sha256 });
-      current++;
-      hash = createHash('sha256');
-      expected = load(files[current]);
-      differsAt = undefined;
-      size = 0;
-      headerSeen = 0;
-      header = current < files.length ? Buffer.from(`debugfs: cat "/${files[current]!.path}"\n`) : Buffer.alloc(0);
-      remaining = files[current]?.size ?? 0;
-    };
-    child.stdout.on('data', (chunk: Buffer) => {
-      let offset = 0;
-      while (offset < chunk.length && current < files.length && !problem) {
-        if (headerSeen < header.length) {
-          const take = Math.min(header.length - headerSeen, chunk.length - offset);
-          if (!chunk.subarray(offset, offset + take).equals(header.subarray(headerSeen, headerSeen + take))) {
-            problem = `unexpected debugfs output before /${files[current]!.path}`;
-            break;
-          }
-          headerSeen += take;
-          offset += take;
-          if (headerSeen === header.length && remaining === 0) finishFile();
-          continue;
-        }
-        const take = Math.min(remaining, chunk.length - offset);
-        if (!expected) hash.update(chunk.subarray(offset, offset + take));
-        else if (differsAt === undefined && !chunk.subarray(offset, offset + take).equals(expected.subarray(size, size + take))) differsAt = size;
-        size += take;
-        remaining -= take;
-        offset += take;
-        if (remaining === 0) finishFile();
-      }
-      // After the last file: what the trailing commands print.
-      if (offset < chunk.length && !problem) tail.push(chunk.subarray(offset));
-    });
+    const out: Buffer[] = [];
     let stderr = '';
-    child.stderr.setEncoding('utf8').on('data', (t: string) => (stderr += t));
+    child.stdout.on('data', (chunk: Buffer) => out.push(chunk));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => (stderr += text));
     child.on('error', reject);
     child.on('close', (code) => {
-      const missing = stderr.split('\n').find((line) => /File not found|not found by ext2_lookup/.test(line));
-      if (missing) return reject(new DiskError(image, 'every file MANIFEST.json lists', missing.trim()));
-      if (problem) return reject(new DiskError(image, 'every file MANIFEST.json lists, with its size', problem));
       if (code !== 0) return reject(new Error(`debugfs -f - ${image} exited with ${code}: ${stderr.trim()}`));
-      if (current < files.length) return reject(new DiskError(image, `/${files[current]!.path}: ${files[current]!.size} bytes`, `${size} bytes`));
-      resolvePromise({ found: results, tail: Buffer.concat(tail).toString('utf8') });
+      // Each command's output starts with its echo, "debugfs: stat "/path"".
+      const sections = Buffer.concat(out).toString('utf8').split(/^debugfs: /m).slice(1);
+      const located = new Map<string, FileExtents>();
+      try {
+        files.forEach((file, i) => located.set(file.path, parseStat(image, file, sections[i] ?? '', stderr)));
+      } catch (error) {
+        return reject(error);
+      }
+      resolvePromise({ located, tail: sections.slice(files.length).join('') });
     });
-    child.stdin.end([...files.map((f) => `cat "/${f.path}"`), ...after].map((c) => `${c}\n`).join(''));
+    child.stdin.end([...files.map((f) => `stat "/${f.path}"`), ...after].map((c) => `${c}\n`).join(''));
   });
+}
+
+/** A file's size and extents from debugfs `stat` output. */
+function parseStat(image: string, file: ManifestEntry, section: string, stderr = ''): FileExtents {
+  const where = `/${file.path} (listed in MANIFEST.json)`;
+  if (!section.startsWith(`stat "/${file.path}"\n`)) throw new DiskError(image, where, 'debugfs output out of step');
+  const size = /\bSize: (\d+)/.exec(section)?.[1];
+  if (size === undefined) {
+    const missing = stderr.split('\n').find((line) => line.includes(file.path) || /File not found|not found by ext2_lookup/.test(line));
+    throw new DiskError(image, where, missing?.trim() || 'no such file');
+  }
+  if (!/\bType: regular\b/.test(section)) throw new DiskError(image, where, `not a regular file (${/\bType: (\S+)/.exec(section)?.[1] ?? '?'})`);
+  const list = /^EXTENTS:\n([^]*)$/m.exec(section);
+  if (!list) throw new DiskError(image, `${where} stored in extents`, 'no extent list (inline data or block maps)');
+  const extents: FileExtents['extents'] = [];
+  for (const m of list[1]!.matchAll(/\((ETB\d+|\d+)(?:-(\d+))?(\[u\])?\):(\d+)(?:-(\d+))?/g)) {
+    if (m[1]!.startsWith('ETB') || m[3]) continue; // an index block; an unwritten extent reads as zeros
+    const logical = Number(m[1]);
+    extents.push({ logical, physical: Number(m[4]), length: (m[2] === undefined ? logical : Number(m[2])) - logical + 1 });
+  }
+  return { size: Number(size), extents };
 }

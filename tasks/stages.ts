@@ -7,7 +7,7 @@ import type { Target } from './lib/inputs/config.ts';
 import { ignitionStage } from './ignition.ts';
 import { imagesStage } from './images.ts';
 import { openstackBootStage } from './openstack.ts';
-import { pinStage } from './pin.ts';
+import { pinStage } from './pin/stage.ts';
 import { pkiStage } from './pki.ts';
 import type { Stage } from './lib/run/stage.ts';
 import { verifyStage } from './verify.ts';

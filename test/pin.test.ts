@@ -15,21 +15,11 @@ import { fetchStage } from '../tasks/fetch.ts';
 import { imagesStage } from '../tasks/images.ts';
 import { artifactKeys, parseLock, type Lock } from '../tasks/lib/inputs/lock.ts';
 import { parseFcosRelease, parseFcosReleaseIndex } from '../tasks/lib/inputs/upstream.ts';
-import {
-  artifactSources,
-  diffLocks,
-  kubernetesMarkerPath,
-  layoutChoice,
-  parseKubeadmImageList,
-  parseVersionMarker,
-  pin,
-  pinResults,
-  pinStage,
-  renderLock,
-  resolveComponents,
-  wantedImages,
-  type PinResult,
-} from '../tasks/pin.ts';
+import { artifactSources, resolveComponents } from '../tasks/pin/components.ts';
+import { layoutChoice, wantedImages } from '../tasks/pin/images.ts';
+import { kubernetesMarkerPath, parseKubeadmImageList, parseVersionMarker } from '../tasks/pin/kubernetes.ts';
+import { diffLocks, renderLock } from '../tasks/pin/lock-text.ts';
+import { pin, pinResults, pinStage, type PinResult } from '../tasks/pin/stage.ts';
 import { findRef, readIndex } from '../tasks/lib/store/oci.ts';
 import { parseFcosStream } from '../tasks/lib/inputs/upstream.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';

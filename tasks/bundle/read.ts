@@ -1,302 +1,21 @@
-// bundle / unbundle: everything the lock needs from cache/, as one plain POSIX tar to
-// carry into an air-gapped site, and back into a cache there. Actions, not stages: they
-// have no stamp and `make cluster` never runs them.
-//
-// The archive, in this order (ustar, written and read with tar-stream through archive.ts,
-// which refuses any entry but a plain file where the manifest puts it; the manifest and
-// the cache entries mode 0444, the four head entries 0644; owner 0:0, mtime 0, so the
-// same cache gives the same bytes):
-//   corekube-bundle.json        the manifest: every other entry's path, size and sha256
-//   corekube.lock.yaml          the lock, cluster.yaml: the project's, as they are
-//   cluster.yaml
-//   cache/oci/oci-layout        cache/oci/index.json: only the lock's refs
-//   cache/oci/index.json
-//   cache/sha256/HEX            each artifact the lock needs (FCOS decompressed: its uncompressedSha256)
-//   cache/oci/blobs/sha256/HEX  each blob of the lock's images (manifest, config, layers)
-// `tar -xf` at the project root gives the same tree, unverified (and index.json holding
-// only the bundle's refs); `make unbundle` verifies it first and merges the index.
-//
-// The manifest comes FIRST: the reader then knows every entry's size and sha256 before its
-// bytes arrive, so it verifies while streaming and refuses a conflicting lock, an entry the
-// lock does not name or a short file before writing anything big. The writer can put it
-// first without a second pass because every big entry is content-addressed (its name is
-// its sha256): sizes come from stat, and the bytes are hashed while they stream and
-// checked against the name, so a damaged cache entry aborts the bundle.
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { chmod, mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
-import { tarBlock, tarEntries, tarEntryProblem, tarFailure, tarLayout, writeTar, type TarEntry, type TarSource } from './lib/store/archive.ts';
-import { ChecksumError, processAlive, sha256Hasher } from './lib/store/cache.ts';
-import { BatchedWriter, readChunks } from './lib/store/chunks.ts';
-import type { Progress } from './lib/store/download.ts';
-import { acquireRunLock } from './lib/run/engine.ts';
-import { UserError } from './lib/errors.ts';
-import { refName, storeDir } from './images.ts';
-import { lockedArtifacts, parseLock, storedSha256, type Lock } from './lib/inputs/lock.ts';
-import {
-  blobPath,
-  findRef,
-  imageBlobs,
-  layoutHasImage,
-  manifestMediaTypes,
-  ociLayoutFile,
-  parseManifest,
-  readIndex,
-  refOf,
-  serializeIndex,
-  withRef,
-  type OciIndex,
-} from './lib/store/oci.ts';
-import { formatBytes, progressMeter } from './lib/run/progress.ts';
-import type { RunContext, StageTask } from './lib/run/stage.ts';
-
-export const bundleFormat = 1;
-export const manifestEntry = 'corekube-bundle.json';
-export const lockEntry = 'corekube.lock.yaml';
-export const configEntry = 'cluster.yaml';
-export const ociLayoutEntry = 'cache/oci/oci-layout';
-export const ociIndexEntry = 'cache/oci/index.json';
-const artifactPrefix = 'cache/sha256/';
-const blobPrefix = 'cache/oci/blobs/sha256/';
-/** The small entries, always first after the manifest, in this order. */
-const headEntries = [lockEntry, configEntry, ociLayoutEntry, ociIndexEntry] as const;
-/** What `make bundle` needs built first: a complete cache for the lock. */
-export const bundleNeeds = ['fetch', 'images'] as const;
-
-export interface BundleEntry {
-  path: string;
-  size: number;
-  sha256: string;
-}
-
-export interface BundleManifest {
-  corekubeBundle: typeof bundleFormat;
-  cluster: string;
-  kubernetes: string;
-  fcos: string;
-  entries: BundleEntry[];
-}
-
-export interface BundleSummary {
-  file: string;
-  /** sha256 of the manifest, which names every entry by its sha256: compare it on both sides. */
-  id: string;
-  bytes: number;
-  entries: number;
-  artifacts: number;
-  images: number;
-  blobs: number;
-  seconds: number;
-}
-
-export interface UnbundleSummary extends BundleSummary {
-  cluster: string;
-  /** Cache entries (artifacts and blobs) that were not in the cache before. */
-  added: number;
-  /** lock/config files written into the project, and what became of them. */
-  project: { file: string; action: 'installed' | 'unchanged' | 'replaced' }[];
-  verifyOnly: boolean;
-}
-
-export interface BundleOptions {
-  onProgress?: (progress: Progress) => void;
-}
-
-export interface UnbundleOptions extends BundleOptions {
-  /** Replace a project lock or config that differs from the bundle's (the old one is kept as FILE.orig). */
-  replace?: boolean;
-  /** Read and verify everything, write nothing. */
-  verifyOnly?: boolean;
-}
-
-export function defaultBundlePath(ctx: RunContext): string {
-  return join(ctx.settings.outDir, `corekube-bundle-${ctx.config.name}.tar`);
-}
-
-/** Byte offset of each entry's header (the manifest's, at 0, left out), and the archive's total size, for a manifest. */
-export function bundleLayout(manifestSize: number, entries: readonly BundleEntry[]): { offsets: number[]; total: number } {
-  const { offsets, total } = tarLayout([manifestSize, ...entries.map((e) => e.size)]);
-  return { offsets: offsets.slice(1), total };
-}
-
-const sha256Hex = (bytes: Buffer | string) => sha256Hasher().update(bytes).digest('hex');
-
-// ---- bundle ----
-
-interface Source {
-  entry: BundleEntry;
-  data?: Buffer;
-  file?: string;
-  /** For a damaged cache entry: what to name and what to do. */
-  what: string;
-}
-
-/** What the bundle holds for the lock, from the cache; refuses naming whatever is missing. */
-async function planBundle(ctx: RunContext): Promise<{ manifest: BundleManifest; sources: Source[]; images: number }> {
-  const { lock, config, cache } = ctx;
-  const missing: string[] = [];
-  const small = (path: string, data: Buffer, what: string): Source => ({ entry: { path, size: data.length, sha256: sha256Hex(data) }, data, what });
-  const sources: Source[] = [
-    small(lockEntry, await readFile(ctx.settings.lockFile), ctx.settings.lockFile),
-    small(configEntry, await readFile(ctx.settings.configFile), ctx.settings.configFile),
-  ];
-
-  const artifacts: Source[] = [];
-  const seen = new Set<string>();
-  for (const { key } of lockedArtifacts(lock)) {
-    const hex = storedSha256(lock.artifacts[key]!);
-    if (seen.has(hex)) continue;
-    seen.add(hex);
-    const file = cache.entryPath(hex);
-    const info = await stat(file).catch(() => undefined);
-    if (!info) {
-      missing.push(`  artifact ${key}: sha256 ${hex} (make fetch)`);
-      continue;
-    }
-    artifacts.push({ entry: { path: `${artifactPrefix}${hex}`, size: info.size, sha256: hex }, file, what: `cache entry ${file} (artifact ${key})` });
-  }
-
-  const store = storeDir(ctx);
-  const storeIndex = readIndex(store);
-  let index: OciIndex = { schemaVersion: 2, manifests: [] };
-  const blobs: Source[] = [];
-  const blobSeen = new Set<string>();
-  for (const image of lock.images) {
-    if (!layoutHasImage(store, refName(image), image.layoutDigest)) {
-      missing.push(`  image ${image.text} (make images)`);
-      continue;
-    }
-    index = withRef(index, refName(image), findRef(storeIndex, refName(image))!);
-    for (const digest of imageBlobs(store, image.layoutDigest)) {
-      if (blobSeen.has(digest)) continue;
-      blobSeen.add(digest);
-      const file = blobPath(store, digest);
-      const hex = digest.slice('sha256:'.length);
-      blobs.push({ entry: { path: `${blobPrefix}${hex}`, size: (await stat(file)).size, sha256: hex }, file, what: `cache entry ${file} (a blob of ${refName(image)})` });
-    }
-  }
-  if (missing.length > 0) {
-    throw new UserError(
-      `cannot bundle: the cache (${ctx.settings.cacheDir}) lacks what ${ctx.settings.lockFile} needs:\n${missing.join('\n')}\n` +
-        'Run make fetch images on a machine with network first, then make bundle again.',
-    );
-  }
-  sources.push(small(ociLayoutEntry, Buffer.from(ociLayoutFile), ociLayoutEntry), small(ociIndexEntry, Buffer.from(serializeIndex(index)), ociIndexEntry));
-  sources.push(...artifacts, ...blobs);
-  const manifest: BundleManifest = {
-    corekubeBundle: bundleFormat,
-    cluster: config.name,
-    kubernetes: lock.kubernetes.version,
-    fcos: `${lock.fcos.stream} ${lock.fcos.release} ${lock.fcos.arch}`,
-    entries: sources.map((s) => s.entry),
-  };
-  return { manifest, sources, images: lock.images.length };
-}
-
-/**
- * Writes the bundle: under a temporary name beside `file`, every cache entry hashed as it
- * streams and checked against its name, the size checked at the end, then renamed.
- */
-export async function writeBundle(ctx: RunContext, file: string = defaultBundlePath(ctx), options: BundleOptions = {}): Promise<BundleSummary> {
-  const started = performance.now();
-  void ctx.lock; // a bad lock or config stops before anything is written
-  const runLock = await acquireRunLock(ctx.settings, 'bundle');
-  try {
-    const { manifest, sources, images } = await planBundle(ctx);
-    const manifestBytes = Buffer.from(`${JSON.stringify(manifest, null, 2)}\n`);
-    const { total } = bundleLayout(manifestBytes.length, manifest.entries);
-    await mkdir(dirname(file), { recursive: true });
-    removeStaleTemporaries(file);
-    const tmp = `${file}.tmp-${process.pid}`;
-    await rm(tmp, { force: true });
-    const handle = await open(tmp, 'wx', 0o644);
-    try {
-      // The small entries 0644 (an extracted cluster.yaml can be edited), the manifest and the cache entries 0444.
-      const entries: TarSource[] = [
-        { name: manifestEntry, size: manifestBytes.length, mode: 0o444, chunks: () => [manifestBytes] },
-        ...sources.map((source): TarSource => ({
-          name: source.entry.path,
-          size: source.entry.size,
-          mode: source.data ? 0o644 : 0o444,
-          chunks: () => (source.data ? [source.data] : checkedChunks(source, ctx.signal)),
-        })),
-      ];
-      const progress = { received: 0, total };
-      await writeTar(handle, entries, {
-        signal: ctx.signal,
-        onWritten: (bytes) => {
-          progress.received += bytes;
-          options.onProgress?.(progress);
-        },
-      });
-    } finally {
-      await handle.close();
-    }
-    try {
-      const written = (await stat(tmp)).size;
-      if (written !== total) throw new Error(`${tmp}: wrote ${written} bytes, expected ${total}`);
-      await rename(tmp, file);
-    } finally {
-      await rm(tmp, { force: true });
-    }
-    return {
-      file,
-      id: sha256Hex(manifestBytes),
-      bytes: total,
-      entries: manifest.entries.length,
-      artifacts: manifest.entries.filter((e) => e.path.startsWith(artifactPrefix)).length,
-      images,
-      blobs: manifest.entries.filter((e) => e.path.startsWith(blobPrefix)).length,
-      seconds: (performance.now() - started) / 1000,
-    };
-  } catch (error) {
-    await rm(`${file}.tmp-${process.pid}`, { force: true });
-    throw error;
-  } finally {
-    await runLock.release();
-  }
-}
-
-/** A cache entry's bytes for the archive, hashed on the way and checked against its name and size at the end. */
-async function* checkedChunks(source: Source, signal: AbortSignal): AsyncGenerator<Buffer> {
-  const { entry } = source;
-  const hash = sha256Hasher();
-  let size = 0;
-  for await (const chunk of readChunks(source.file!, signal)) {
-    hash.update(chunk);
-    size += chunk.length;
-    if (size > entry.size) break;
-    yield chunk;
-  }
-  if (size !== entry.size) throw new UserError(`${source.what} changed while it was being bundled (${entry.size} bytes, then ${size}); run make bundle again`);
-  const found = hash.digest('hex');
-  if (found !== entry.sha256) {
-    throw new ChecksumError(
-      source.what,
-      entry.sha256,
-      found,
-      'The cache entry is damaged (disk fault?) and no bundle was written. make fsck FIX=1 moves it aside (to cache/corrupt/); then make fetch images bundle fetches it again and writes the bundle.',
-    );
-  }
-}
-
-/** Temporary bundles of runs that are gone (killed, power cut). */
-function removeStaleTemporaries(file: string): void {
-  const prefix = `${basename(file)}.tmp-`;
-  let names: string[];
-  try {
-    names = readdirSync(dirname(file));
-  } catch {
-    return;
-  }
-  for (const name of names) {
-    if (!name.startsWith(prefix)) continue;
-    const pid = Number(name.slice(prefix.length));
-    if (Number.isInteger(pid) && pid !== process.pid && !processAlive(pid)) void rm(join(dirname(file), name), { force: true });
-  }
-}
-
-// ---- unbundle ----
+// One read of a bundle, start to end, verifying as it streams: the manifest first, then
+// each entry against it (name, place, size, sha256), the lock and config against the
+// project's, the artifacts against the lock, the image index against the lock and the
+// blobs against the images. It writes only into the staging directory it is given.
+import { existsSync, readFileSync } from 'node:fs';
+import { open, stat, writeFile } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { refName } from '../images.ts';
+import { UserError } from '../lib/errors.ts';
+import { lockedArtifacts, parseLock, storedSha256, type Lock } from '../lib/inputs/lock.ts';
+import { formatBytes } from '../lib/run/progress.ts';
+import type { RunContext } from '../lib/run/stage.ts';
+import { tarBlock, tarEntries, tarEntryProblem, tarFailure, type TarEntry } from '../lib/store/archive.ts';
+import { ChecksumError, sha256Hasher } from '../lib/store/cache.ts';
+import { BatchedWriter, readChunks } from '../lib/store/chunks.ts';
+import type { Progress } from '../lib/store/download.ts';
+import { blobPath, manifestMediaTypes, parseManifest, refOf, type OciIndex } from '../lib/store/oci.ts';
+import { artifactPrefix, blobPrefix, bundleFormat, bundleLayout, configEntry, headEntries, lockEntry, manifestEntry, ociIndexEntry, ociLayoutEntry, sha256Hex, type BundleEntry, type BundleManifest } from './format.ts';
 
 const hexPattern = /^[0-9a-f]{64}$/;
 const maxSmallEntry = 16 << 20;
@@ -368,7 +87,7 @@ function firstDifferentLine(ours: string, theirs: string): string {
 }
 
 /** The project's lock or config must be absent or equal to the bundle's, unless replacing. */
-function checkProjectFile(target: string, bytes: Buffer, bundleFile: string, replace: boolean, describe: (ours: string) => string[]): void {
+export function checkProjectFile(target: string, bytes: Buffer, bundleFile: string, replace: boolean, describe: (ours: string) => string[]): void {
   if (replace) return;
   const ours = readFileSyncSafe(target);
   if (ours === undefined || ours.equals(bytes)) return;
@@ -380,7 +99,7 @@ function checkProjectFile(target: string, bytes: Buffer, bundleFile: string, rep
 }
 
 /** A file's bytes, or undefined where there is none (any other failure is reported). */
-function readFileSyncSafe(file: string): Buffer | undefined {
+export function readFileSyncSafe(file: string): Buffer | undefined {
   try {
     return readFileSync(file);
   } catch (error) {
@@ -415,7 +134,7 @@ interface ReadOptions {
  * the blobs against the images. With `staging`, entries the cache lacks are written
  * there; nothing else is written anywhere.
  */
-async function readBundle(ctx: RunContext, file: string, options: ReadOptions): Promise<ReadResult> {
+export async function readBundle(ctx: RunContext, file: string, options: ReadOptions): Promise<ReadResult> {
   const info = await stat(file).catch((error: NodeJS.ErrnoException) => {
     throw new UserError(`${file}: cannot read the bundle (${error.code ?? error.message}). Name it with FILE=path (make unbundle FILE=…).`);
   });
@@ -736,136 +455,4 @@ function checkBundleIndex(file: string, bytes: Buffer, lock: Lock, manifest: Bun
   }
   if (problems.length > 0) throw bundleProblem(file, `its image index does not match its lock:\n${problems.join('\n')}`);
   return index;
-}
-
-/**
- * Verifies the bundle while streaming it into cache/tmp, and only when all of it checks
- * out moves the entries into the cache (blobs before the index that names them), merges
- * the refs into cache/oci/index.json and installs the lock and config where the project
- * has none (or, with `replace`, where they differ). A damaged, truncated or foreign bundle
- * is refused with the cache and the project as they were.
- */
-export async function unbundle(ctx: RunContext, file: string, options: UnbundleOptions = {}): Promise<UnbundleSummary> {
-  const started = performance.now();
-  const { settings, cache } = ctx;
-  const runLock = await acquireRunLock(settings, 'unbundle');
-  let staging: string | undefined;
-  try {
-    if (!options.verifyOnly) {
-      await cache.removeStaleTemporaries();
-      staging = await cache.temporaryPath('unbundle');
-      await mkdir(staging);
-    }
-    const read = await readBundle(ctx, file, { ...(staging ? { staging } : {}), replace: options.replace ?? false, ...(options.onProgress ? { onProgress: options.onProgress } : {}) });
-    const project: UnbundleSummary['project'] = [];
-    if (!options.verifyOnly) {
-      // Content-addressed entries first: each is whole and verified, so a crash part-way
-      // leaves only extra valid entries. The index last, so no ref names a missing blob.
-      const store = join(settings.cacheDir, 'oci');
-      await mkdir(join(store, 'blobs', 'sha256'), { recursive: true });
-      for (const [path, stagedFile] of read.staged) {
-        if (path.startsWith(artifactPrefix)) {
-          const hex = path.slice(artifactPrefix.length);
-          if (!cache.has(hex)) await cache.commit(stagedFile, hex);
-        } else {
-          const target = join(store, 'blobs', 'sha256', path.slice(blobPrefix.length));
-          if (existsSync(target)) continue;
-          await chmod(stagedFile, 0o444);
-          await rename(stagedFile, target);
-        }
-      }
-      if (!existsSync(join(store, 'oci-layout'))) await replaceFile(join(store, 'oci-layout'), Buffer.from(ociLayoutFile));
-      let storeIndex = readIndex(store);
-      for (const descriptor of read.index.manifests) storeIndex = withRef(storeIndex, refOf(descriptor)!, descriptor);
-      await replaceFile(join(store, 'index.json'), Buffer.from(serializeIndex(storeIndex)));
-      for (const [target, bytes] of [
-        [settings.lockFile, read.lockBytes],
-        [settings.configFile, read.configBytes],
-      ] as const) {
-        project.push({ file: target, action: await installProjectFile(target, bytes, file, options.replace ?? false) });
-      }
-    }
-    const entries = read.manifest.entries;
-    return {
-      file,
-      id: read.id,
-      cluster: read.manifest.cluster,
-      bytes: read.bytes,
-      entries: entries.length,
-      artifacts: entries.filter((e) => e.path.startsWith(artifactPrefix)).length,
-      images: read.lock.images.length,
-      blobs: entries.filter((e) => e.path.startsWith(blobPrefix)).length,
-      added: read.staged.size,
-      project,
-      verifyOnly: options.verifyOnly ?? false,
-      seconds: (performance.now() - started) / 1000,
-    };
-  } finally {
-    if (staging) await rm(staging, { recursive: true, force: true });
-    await runLock.release();
-  }
-}
-
-/** Reads and verifies a bundle completely, writing nothing (a check after copying it). */
-export function verifyBundle(ctx: RunContext, file: string, options: BundleOptions = {}): Promise<UnbundleSummary> {
-  return unbundle(ctx, file, { ...options, verifyOnly: true, replace: true });
-}
-
-async function installProjectFile(target: string, bytes: Buffer, bundleFile: string, replace: boolean): Promise<'installed' | 'unchanged' | 'replaced'> {
-  const ours = readFileSyncSafe(target);
-  if (ours?.equals(bytes)) return 'unchanged';
-  if (ours !== undefined) {
-    checkProjectFile(target, bytes, bundleFile, replace, () => ['  (it changed while the bundle was read)']);
-    await writeFile(`${target}.orig`, ours);
-  }
-  await mkdir(dirname(target), { recursive: true });
-  await replaceFile(target, bytes);
-  return ours === undefined ? 'installed' : 'replaced';
-}
-
-async function replaceFile(file: string, content: Buffer): Promise<void> {
-  const tmp = `${file}.tmp-${process.pid}`;
-  await writeFile(tmp, content);
-  await rename(tmp, file);
-}
-
-// ---- for the CLI ----
-
-export function formatBundleSummary(summary: BundleSummary): string {
-  return (
-    `bundle ${summary.file}: ${summary.artifacts} artifacts, ${summary.images} images (${summary.blobs} blobs), ` +
-    `${formatBytes(summary.bytes)} in ${summary.seconds.toFixed(1)} s\n  id sha256:${summary.id}`
-  );
-}
-
-export function formatUnbundleSummary(summary: UnbundleSummary): string {
-  const head = summary.verifyOnly
-    ? `bundle ${summary.file}: verified, nothing written`
-    : `unbundled ${summary.file}: ${summary.added} new cache entr${summary.added === 1 ? 'y' : 'ies'} of ${summary.artifacts + summary.blobs}`;
-  const project = summary.project.map((p) => `\n  ${p.file}: ${p.action}${p.action === 'replaced' ? ` (yours kept as ${basename(p.file)}.orig)` : ''}`).join('');
-  return `${head} (cluster ${summary.cluster}: ${summary.artifacts} artifacts, ${summary.images} images), ${formatBytes(summary.bytes)} in ${summary.seconds.toFixed(1)} s${project}\n  id sha256:${summary.id}`;
-}
-
-/** A listr2 task for `make bundle`: a progress bar while it writes, the summary as its title. */
-export function bundleTask(ctx: RunContext, file?: string): { title: string; task: (_: unknown, task: StageTask) => Promise<void> } {
-  return {
-    title: 'Bundle the cache for an air-gapped site',
-    task: async (_, task) => {
-      const meter = progressMeter(ctx.settings.interactive, (line) => (task.output = line));
-      const summary = await writeBundle(ctx, file ?? defaultBundlePath(ctx), { onProgress: meter });
-      task.title = formatBundleSummary(summary);
-    },
-  };
-}
-
-/** A listr2 task for `make unbundle FILE=…`. */
-export function unbundleTask(ctx: RunContext, file: string, options: Omit<UnbundleOptions, 'onProgress'> = {}): { title: string; task: (_: unknown, task: StageTask) => Promise<void> } {
-  return {
-    title: `${options.verifyOnly ? 'Verify' : 'Unbundle'} ${file}`,
-    task: async (_, task) => {
-      const meter = progressMeter(ctx.settings.interactive, (line) => (task.output = line));
-      const summary = await unbundle(ctx, file, { ...options, onProgress: meter });
-      task.title = formatUnbundleSummary(summary);
-    },
-  };
 }
