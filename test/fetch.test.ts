@@ -1,7 +1,6 @@
 // The fetch stage against a real HTTP server on 127.0.0.1 laid out like the upstream
 // sites, with real faults: 404, 503, bodies cut short, stalls, corrupted bytes, Ctrl-C.
 import { execFileSync } from 'node:child_process';
-import { createServer } from 'node:http';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -9,8 +8,7 @@ import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { ChecksumError } from '../tasks/lib/store/cache.ts';
-import { defaultHttpSettings, downloadChunks, DownloadError } from '../tasks/lib/store/download.ts';
-import { parseHead } from '../tasks/lib/store/plain-http.ts';
+import { DownloadError } from '../tasks/lib/store/download.ts';
 import { runStages } from '../tasks/lib/run/engine.ts';
 import { OfflineError, UserError } from '../tasks/lib/errors.ts';
 import { fetchStage } from '../tasks/fetch.ts';
@@ -210,36 +208,6 @@ test('a server that stalls forever fails with a message naming the stall', async
   const error = await fetchError(ws, { http: { retries: 1, stallTimeoutMs: 300, backoffMs: 10 } });
   assert.match(error.message, /no data for 0\.3 s \(stalled\).*gave up after 2 attempts/);
   assertNothingPartial(ws);
-});
-
-test('plain http reads the body itself; a redirect or a chunked body goes through got, same bytes', async () => {
-  const file = tree.artifacts.kubeadm!;
-  const direct = `${server.url}${file.servedPath}`;
-  const want = createHash('sha256').update(readFileSync(join(tree.root, file.servedPath))).digest('hex');
-  // A server in front: /moved answers 302 to the fixture file, /chunked streams it without a length.
-  const front = createServer((req, res) => {
-    if (req.url === '/moved') return void res.writeHead(302, { location: direct }).end();
-    const bytes = readFileSync(join(tree.root, file.servedPath));
-    res.writeHead(200, { 'content-type': 'application/octet-stream' }); // no length: chunked
-    res.write(bytes.subarray(0, 1000));
-    res.end(bytes.subarray(1000));
-  });
-  await new Promise<void>((resolve) => front.listen(0, '127.0.0.1', resolve));
-  const base = `http://127.0.0.1:${(front.address() as { port: number }).port}`;
-  try {
-    for (const url of [direct, `${base}/moved`, `${base}/chunked`]) {
-      const hash = createHash('sha256');
-      for await (const chunk of downloadChunks(url, { signal: new AbortController().signal, offline: false, http: defaultHttpSettings })) hash.update(chunk);
-      assert.is(hash.digest('hex'), want, url);
-    }
-  } finally {
-    await new Promise((resolve) => front.close(resolve));
-  }
-  assert.equal(parseHead('HTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\ncontent-range: bytes 5-9/10'), {
-    status: 206,
-    statusMessage: 'Partial Content',
-    headers: { 'content-length': '5', 'content-range': 'bytes 5-9/10' },
-  });
 });
 
 test('CLI: Ctrl-C in the middle of a download stops cleanly; a rerun completes', async () => {

@@ -100,12 +100,6 @@ export function plainGet(
         start = end + 4;
         const length = Number(head.headers['content-length']);
         const plain = head.headers['transfer-encoding'] === undefined && /^\d+$/.test(head.headers['content-length'] ?? '');
-        if (head.status >= 300 && head.status < 400) {
-          done = true;
-          socket.destroy();
-          rejectHead(new PlainHttpUnsupported(`${url.href}: HTTP ${head.status} (a redirect, to ${head.headers.location ?? 'nowhere'})`));
-          return false;
-        }
         if (head.status < 200 || head.status >= 300) {
           done = true;
           socket.destroy();
