@@ -3,9 +3,7 @@
 // Range request where the server allows it, so consumers (hashers, xz) see each byte
 // exactly once and never know a retry happened.
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Got } from 'got';
 import { OfflineError, UserError } from '../errors.ts';
-import { plainGet, PlainHttpError, PlainHttpUnsupported } from './plain-http.ts';
 
 export interface HttpSettings {
   /** Retries after the first attempt, for transient failures only. */
@@ -55,9 +53,6 @@ export async function* downloadChunks(url: string, options: DownloadOptions): As
     throw new OfflineError(`offline: refusing to download ${url}`);
   }
   const { default: got, HTTPError, RequestError } = await import('got');
-  // Plain http (a mirror, the loopback benchmark): read straight into large buffers
-  // (plain-http.ts); https, redirects and chunked bodies: got.
-  let plain = url.startsWith('http://');
   let received = 0;
   let total: number | undefined;
   let lastFailure = '';
@@ -67,33 +62,32 @@ export async function* downloadChunks(url: string, options: DownloadOptions): As
       const delay = options.http.backoffMs * 2 ** (attempt - 1) * (0.75 + Math.random() / 2);
       await sleep(delay, undefined, { signal: options.signal });
     }
-    const headers: Record<string, string> = received > 0 ? { range: `bytes=${received}-` } : {};
-    let source: { response: Promise<Attempt>; chunks: AsyncIterable<Buffer>; close(): void };
-    try {
-      source = plain ? await plainSource(url, headers, options) : gotSource(got, url, headers, options);
-    } catch (error) {
-      if (error instanceof PlainHttpUnsupported) {
-        plain = false;
-        attempt--; // not a failure: the same attempt, through got
-        continue;
-      }
-      if (options.signal.aborted) throw options.signal.reason ?? error;
-      if (error instanceof StatusError) {
-        lastFailure = statusFailure(url, error.status, error.statusMessage, received);
-        continue;
-      }
-      if (error instanceof PlainHttpError) {
-        lastFailure = describeRequestError(error, options.http.stallTimeoutMs);
-        continue;
-      }
-      throw error;
-    }
+    const stream = got.stream(url, {
+      headers: received > 0 ? { range: `bytes=${received}-` } : {},
+      decompress: false,
+      retry: { limit: 0 },
+      timeout: { connect: options.http.stallTimeoutMs, response: options.http.stallTimeoutMs, socket: options.http.stallTimeoutMs },
+      signal: options.signal,
+    });
+    const response = new Promise<Attempt>((resolve, reject) => {
+      stream.once('response', (res: { statusCode: number; headers: Record<string, string | string[] | undefined> }) => {
+        const length = Number(res.headers['content-length']);
+        const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(String(res.headers['content-range'] ?? ''));
+        if (res.statusCode === 206 && range) {
+          resolve({ status: 206, start: Number(range[1]), total: range[3] === '*' ? undefined : Number(range[3]) });
+        } else {
+          resolve({ status: res.statusCode, start: 0, total: Number.isFinite(length) ? length : undefined });
+        }
+      });
+      stream.once('error', reject);
+    });
+    response.catch(() => undefined);
     try {
       let skip = 0;
       let answer: Attempt | undefined;
-      for await (const chunk of source.chunks) {
+      for await (const chunk of stream as AsyncIterable<Buffer>) {
         if (!answer) {
-          answer = await source.response;
+          answer = await response;
           if (answer.start > received) {
             throw new DownloadError(url, `the server resumed at byte ${answer.start}, not ${received}`, retryHint);
           }
@@ -126,16 +120,24 @@ export async function* downloadChunks(url: string, options: DownloadOptions): As
       if (options.signal.aborted) throw options.signal.reason ?? error;
       if (error instanceof DownloadError) throw error;
       if (error instanceof HTTPError) {
-        lastFailure = statusFailure(url, error.response.statusCode, error.response.statusMessage ?? '', received);
-        continue;
+        const status = error.response.statusCode;
+        if (status === 408 || status === 429 || status >= 500) {
+          lastFailure = `HTTP ${status} ${error.response.statusMessage ?? ''}`.trim();
+          continue;
+        }
+        if (status === 416 && received > 0) {
+          lastFailure = 'the server refused to resume (HTTP 416)';
+          continue;
+        }
+        throw new DownloadError(url, `HTTP ${status} ${error.response.statusMessage ?? ''}`.trim(), status === 404 ? notFoundHint : retryHint);
       }
-      if (error instanceof RequestError || error instanceof PlainHttpError) {
+      if (error instanceof RequestError) {
         lastFailure = describeRequestError(error, options.http.stallTimeoutMs);
         continue;
       }
       throw error;
     } finally {
-      source.close();
+      stream.destroy();
     }
   }
   throw new DownloadError(
@@ -143,53 +145,6 @@ export async function* downloadChunks(url: string, options: DownloadOptions): As
     `${lastFailure} (gave up after ${options.http.retries + 1} attempts, ${received} bytes received)`,
     retryHint,
   );
-}
-
-/** A failed status: the reason to retry with, or a DownloadError thrown for a permanent one. */
-function statusFailure(url: string, status: number, message: string, received: number): string {
-  if (status === 408 || status === 429 || status >= 500) return `HTTP ${status} ${message}`.trim();
-  if (status === 416 && received > 0) return 'the server refused to resume (HTTP 416)';
-  throw new DownloadError(url, `HTTP ${status} ${message}`.trim(), status === 404 ? notFoundHint : retryHint);
-}
-
-class StatusError extends Error {
-  readonly status: number;
-  readonly statusMessage: string;
-  constructor(status: number, statusMessage: string) {
-    super(`HTTP ${status} ${statusMessage}`);
-    this.status = status;
-    this.statusMessage = statusMessage;
-  }
-}
-
-/** What one attempt starts from: byte offset and total, from a 200 or a 206's Content-Range. */
-function attemptOf(status: number, headers: Record<string, string | string[] | undefined>): Attempt {
-  const length = Number(headers['content-length']);
-  const range = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(String(headers['content-range'] ?? ''));
-  if (status === 206 && range) return { status: 206, start: Number(range[1]), total: range[3] === '*' ? undefined : Number(range[3]) };
-  return { status, start: 0, total: Number.isFinite(length) ? length : undefined };
-}
-
-function gotSource(got: Got, url: string, headers: Record<string, string>, options: DownloadOptions) {
-  const stream = got.stream(url, {
-    headers,
-    decompress: false,
-    retry: { limit: 0 },
-    timeout: { connect: options.http.stallTimeoutMs, response: options.http.stallTimeoutMs, socket: options.http.stallTimeoutMs },
-    signal: options.signal,
-  });
-  const response = new Promise<Attempt>((resolve, reject) => {
-    stream.once('response', (res: { statusCode: number; headers: Record<string, string | string[] | undefined> }) => resolve(attemptOf(res.statusCode, res.headers)));
-    stream.once('error', reject);
-  });
-  response.catch(() => undefined);
-  return { response, chunks: stream as AsyncIterable<Buffer>, close: () => stream.destroy() };
-}
-
-async function plainSource(url: string, headers: Record<string, string>, options: DownloadOptions) {
-  const { response, body, close } = await plainGet(new URL(url), headers, { signal: options.signal, stallTimeoutMs: options.http.stallTimeoutMs });
-  if (response.status < 200 || response.status >= 300) throw new StatusError(response.status, response.statusMessage);
-  return { response: Promise.resolve(attemptOf(response.status, response.headers)), chunks: body, close };
 }
 
 function describeRequestError(error: { code?: string; message: string; name: string }, stallMs: number): string {
