@@ -129,7 +129,7 @@ export async function probeKvm(options: ProbeOptions): Promise<KvmVerdict | unde
         if (kvm.printedAt !== undefined) return verdict(true, `a test guest under KVM printed its first Linux line in ${kvm.printedAt.toFixed(1)} s`);
         if (kvm.exited) {
           const error = kvm.exited.stderr.split('\n').find((line) => /error|fail|assert/i.test(line))?.trim() ?? `QEMU exited (${kvm.exited.code ?? 'signal'}) before the guest printed a line`;
-          return verdict(false, `QEMU cannot run a KVM guest here: ${error.replace(/^qemu-system-x86_64: /, '')}`);
+          return verdict(false, `QEMU failed to start a KVM guest (${error.replace(/^qemu-system-x86_64: (error: )?/, '')})`);
         }
         if (tcg.printedAt !== undefined) {
           return verdict(false, `a test guest under KVM printed nothing in ${tcg.printedAt.toFixed(1)} s while the same guest under TCG booted into Linux`);
