@@ -155,7 +155,7 @@ export async function chooseAccelerator(options: { guest: ProbeGuest; signal?: A
     return 'tcg';
   }
   const cacheFile = verdictFile(env);
-  const verdict = await kvmVerdict({ guest: options.guest, signal: options.signal, stall, cacheFile });
+  const verdict = await kvmVerdict({ guest: options.guest, signal: options.signal, cacheFile, ...(stall ? { fake: 'stall' as const } : {}) });
   if (!verdict) {
     // Neither guest printed a kernel line: nothing learned, so keep to KVM as asked for.
     process.stderr.write(`corekube: could not tell whether KVM runs guests (the probe guest printed no Linux line under KVM or TCG): booting under KVM\n`);

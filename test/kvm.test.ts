@@ -1,8 +1,9 @@
 // Does KVM run guests here (tasks/lib/node/kvm.ts, and chooseAccelerator in boot.ts)? The
 // probe boots the stand-in appliance's kernel under KVM and TCG at once; the test-only
-// COREKUBE_KVM_PROBE=stall makes the KVM guest one that never runs (-S), so the "no
-// progress" path is exercised on every host, whatever its KVM does. The verdict cache
-// lives under a temporary XDG_CACHE_HOME. How the boot uses it: boot.test.ts.
+// fakes make the "KVM" guest one that never runs (stall, -S; COREKUBE_KVM_PROBE=stall for
+// the boot) or one that wins (works), so both verdicts are reached on every host, whatever
+// its KVM does. The verdict cache lives under a temporary XDG_CACHE_HOME. How the boot
+// uses it: boot.test.ts.
 import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,7 +11,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { chooseAccelerator } from '../tasks/boot.ts';
 import { UserError } from '../tasks/lib/errors.ts';
-import { cachedVerdict, cpuHint, kvmVerdict, linuxLine, machineArgs, probeArgs, storeVerdict, verdictFile, verdictKey } from '../tasks/lib/node/kvm.ts';
+import { cachedVerdict, cpuHint, kvmVerdict, probeKvm, linuxLine, machineArgs, probeArgs, storeVerdict, verdictFile, verdictKey } from '../tasks/lib/node/kvm.ts';
 import { qemuArgs } from '../tasks/lib/node/qemu.ts';
 import { loadConfig } from '../tasks/lib/inputs/config.ts';
 import { buildAppliance } from './fixtures/appliance.ts';
@@ -71,7 +72,7 @@ test('the cause names missing vmx/svm, and says so only when they are missing', 
 test('verdicts are kept per host boot, QEMU and probe mode; entries from an earlier boot are dropped', () => {
   const file = join(work, 'verdicts', 'kvm.json');
   const key = verdictKey();
-  assert.is.not(verdictKey({ stall: true }), key, 'the stalled test probe never answers for the real one');
+  assert.is.not(verdictKey({ fake: 'stall' }), key, 'the stalled test probe never answers for the real one');
   assert.is(verdictKey(), key, 'stable');
   assert.is(cachedVerdict(file, key), undefined);
   storeVerdict(file, 'from-an-earlier-boot', { usable: true, reason: 'r', seconds: 1, probedAt: 't' });
@@ -87,11 +88,14 @@ test('verdicts are kept per host boot, QEMU and probe mode; entries from an earl
 
 let probed: Awaited<ReturnType<typeof kvmVerdict>>;
 
-test('a KVM guest that never runs: the probe says so once the same guest under TCG booted into Linux, and nothing is left running', async () => {
+test('a KVM guest that never runs: the probe says so once the same guest under TCG booted into Linux, and nothing is left running; a KVM guest that wins: usable', async () => {
   const started = performance.now();
-  probed = await kvmVerdict({ guest: { kernel }, stall: true, cacheFile });
+  let works: Awaited<ReturnType<typeof probeKvm>>;
+  [probed, works] = await Promise.all([kvmVerdict({ guest: { kernel }, fake: 'stall', cacheFile }), probeKvm({ guest: { kernel }, fake: 'works' })]);
   const seconds = (performance.now() - started) / 1000;
-  console.log(`    (probe with a stalled KVM guest: ${seconds.toFixed(1)} s, the emulated kernel's time to its first line)`);
+  console.log(`    (two probes at once, one with a stalled KVM guest: ${seconds.toFixed(1)} s, the emulated kernel's time to its first line)`);
+  assert.is(works?.usable, true);
+  assert.match(works!.reason, /^a test guest under KVM printed its first Linux line in \d+\.\d s$/);
   assert.ok(probed);
   assert.is(probed!.usable, false);
   assert.match(probed!.reason, /^a test guest under KVM printed nothing in \d+\.\d s while the same guest under TCG booted into Linux/);
@@ -102,7 +106,7 @@ test('a KVM guest that never runs: the probe says so once the same guest under T
 test('the verdict is cached: the next call starts no guest', async () => {
   rmSync(kernel); // a probe now would fail on the missing kernel, with another reason
   const started = performance.now();
-  const again = await kvmVerdict({ guest: { kernel }, stall: true, cacheFile });
+  const again = await kvmVerdict({ guest: { kernel }, fake: 'stall', cacheFile });
   assert.ok((performance.now() - started) / 1000 < 5);
   assert.equal(again, { ...probed!, cached: true });
   copyFileSync((await buildAppliance()).kernel, kernel);

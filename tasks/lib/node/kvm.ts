@@ -36,10 +36,11 @@ export interface ProbeOptions {
   /** Give up (no verdict) when neither guest printed a Linux line by then. */
   timeoutMs?: number;
   /**
-   * Test only (COREKUBE_KVM_PROBE=stall): the "KVM" guest is started paused (-S, under
-   * TCG), a guest that never makes progress, so the fallback is exercised on any host.
+   * Tests only, so that both verdicts are reached on any host, whatever its KVM does:
+   * stall (COREKUBE_KVM_PROBE=stall) starts the "KVM" guest paused (-S, under TCG), a
+   * guest that never makes progress; works runs it under TCG and pauses the other one.
    */
-  stall?: boolean;
+  fake?: 'stall' | 'works';
   qemu?: string;
 }
 
@@ -108,7 +109,9 @@ export async function probeKvm(options: ProbeOptions): Promise<KvmVerdict | unde
   const elapsed = () => (performance.now() - started) / 1000;
   const contestants: Contestant[] = [{ accel: 'kvm' }, { accel: 'tcg' }];
   const children = contestants.map((c) => {
-    const args = c.accel === 'kvm' && options.stall ? probeArgs(options.guest, 'tcg', { paused: true }) : probeArgs(options.guest, c.accel);
+    const args = !options.fake
+      ? probeArgs(options.guest, c.accel)
+      : probeArgs(options.guest, 'tcg', { paused: (c.accel === 'kvm') === (options.fake === 'stall') });
     return spawn(qemu, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   });
   try {
@@ -178,9 +181,9 @@ export function verdictFile(env: NodeJS.ProcessEnv = process.env): string {
 /**
  * What a verdict holds for: this boot of this host (boot_id: a reboot may bring another
  * kernel, other modules, other nested-virtualisation settings), this QEMU (version and
- * binary), the -machine/-cpu the nodes use, and whether it was the test-only stalled probe.
+ * binary), the -machine/-cpu the nodes use, and whether it was a test's fake probe.
  */
-export function verdictKey(options: { qemu?: string; stall?: boolean } = {}): string {
+export function verdictKey(options: { qemu?: string; fake?: ProbeOptions['fake'] } = {}): string {
   const qemu = options.qemu ?? findOnPath('qemu-system-x86_64') ?? 'qemu-system-x86_64';
   let binary = qemu;
   try {
@@ -201,7 +204,7 @@ export function verdictKey(options: { qemu?: string; stall?: boolean } = {}): st
     version,
     binary,
     machine: machineArgs('kvm').join(' '),
-    stall: Boolean(options.stall),
+    fake: options.fake ?? 'no',
   };
   return createHash('sha256').update(JSON.stringify(parts)).digest('hex').slice(0, 24);
 }
