@@ -112,6 +112,15 @@ test('the verdict is cached: the next call starts no guest', async () => {
   copyFileSync((await buildAppliance()).kernel, kernel);
 });
 
+test('a guest that does not boot even under TCG is an error about the guest, never a verdict on KVM', async () => {
+  const file = join(work, 'no-verdict.json');
+  const error = await kvmVerdict({ guest: { kernel: join(work, 'no-such-kernel') }, cacheFile: file }).then(() => undefined, (e: Error) => e);
+  assert.instance(error, UserError);
+  assert.match(error!.message, /^the KVM probe's guest does not boot even under TCG \(exit 1\):\n.*no-such-kernel/);
+  assert.is(cachedVerdict(file, verdictKey()), undefined);
+  assert.equal(probeProcesses(), []);
+});
+
 test('chooseAccelerator: the fallback in one line naming the cause; COREKUBE_ACCEL=kvm fails with it; tcg never probes', async () => {
   const warnings: string[] = [];
   const warn = (why: string) => warnings.push(why);

@@ -13,6 +13,8 @@ import { createHash } from 'node:crypto';
 import { accessSync, constants, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join } from 'node:path';
+import { UserError } from '../errors.ts';
+import { indentTail } from '../run/tool.ts';
 import { findOnPath } from '../run/tools.ts';
 import { qemuValue, type Accelerator } from './qemu.ts';
 
@@ -118,26 +120,37 @@ export async function probeKvm(options: ProbeOptions): Promise<KvmVerdict | unde
     return await new Promise<KvmVerdict | undefined>((resolvePromise, rejectPromise) => {
       const done = () => {
         clearTimeout(timer);
+        clearTimeout(startup);
         options.signal?.removeEventListener('abort', onAbort);
       };
       const resolve = (value: KvmVerdict | undefined) => (done(), resolvePromise(value));
       const reject = (error: unknown) => (done(), rejectPromise(error));
       const verdict = (usable: boolean, reason: string) => resolve({ usable, reason, seconds: Number(elapsed().toFixed(1)), probedAt: new Date().toISOString() });
       const timer = setTimeout(() => resolve(undefined), timeoutMs);
+      // A QEMU that fails on the guest itself (a missing kernel, a bad image) fails within
+      // moments under either accelerator: KVM's failure counts only once TCG got past that.
+      let tcgStarted = false;
+      const startup = setTimeout(() => {
+        tcgStarted = true;
+        settle();
+      }, 2000);
       const onAbort = () => reject(options.signal!.reason);
       if (options.signal?.aborted) return onAbort();
       options.signal?.addEventListener('abort', onAbort, { once: true });
       const settle = () => {
         const [kvm, tcg] = contestants as [Contestant, Contestant];
         if (kvm.printedAt !== undefined) return verdict(true, `a test guest under KVM printed its first Linux line in ${kvm.printedAt.toFixed(1)} s`);
-        if (kvm.exited) {
+        if (tcg.exited && (kvm.exited || !tcgStarted)) {
+          return reject(new UserError(`the KVM probe's guest does not boot even under TCG (exit ${tcg.exited.code ?? 'signal'}):\n${indentTail(tcg.exited.stderr)}\n  command: ${qemu} ${probeArgs(options.guest, 'tcg').join(' ')}`));
+        }
+        if (kvm.exited && (tcgStarted || tcg.printedAt !== undefined)) {
           const error = kvm.exited.stderr.split('\n').find((line) => /error|fail|assert/i.test(line))?.trim() ?? `QEMU exited (${kvm.exited.code ?? 'signal'}) before the guest printed a line`;
           return verdict(false, `QEMU failed to start a KVM guest (${error.replace(/^qemu-system-x86_64: (error: )?/, '')})`);
         }
         if (tcg.printedAt !== undefined) {
           return verdict(false, `a test guest under KVM printed nothing in ${tcg.printedAt.toFixed(1)} s while the same guest under TCG booted into Linux`);
         }
-        if (tcg.exited && !kvm.exited) return; // keep waiting for KVM alone, up to the timeout
+        // otherwise keep waiting (for KVM alone once TCG is gone), up to the timeout
       };
       children.forEach((child, i) => {
         const c = contestants[i]!;
