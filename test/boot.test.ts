@@ -92,6 +92,24 @@ function processesOf(ws: Workspace): string[] {
   return found;
 }
 
+/** A process's parent pid (0 when it is gone). */
+function parentOf(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+  } catch {
+    return 0;
+  }
+}
+
+function commandOf(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
 let pair: Workspace;
 // How long a stand-in may take to finish its checks under TCG: minutes on a machine shared
 // with other jobs (a hang is what fails, not slowness: 2 stand-ins took 119 s at load 24).
@@ -186,6 +204,16 @@ test('make boot: a KVM guest that makes no progress is named in one line and eve
   const ws = workspace(['{name: cp1, role: control-plane, ip: 10.77.0.10, memory: 2GiB}', '{name: w1, role: worker, ip: 10.77.0.21, memory: 1GiB}'], { apiServer: portBase + 3, sshBase: portBase + 4 });
   // The test-only stalled probe (its KVM guest never runs) with a verdict cache of its own.
   const env = { COREKUBE_KVM_PROBE: 'stall', XDG_CACHE_HOME: join(ws.dir, 'xdg') };
+  // Ctrl-C while the probe runs: its two guests end with make boot, no verdict is kept.
+  let cli = 0;
+  const interrupted = runCli(['boot', ...workspaceArgs(ws)], { env, onStart: (child) => (cli = child.pid!) });
+  const probes = () => readdirSync('/proc').filter((pid) => /^\d+$/.test(pid) && parentOf(Number(pid)) === cli && commandOf(Number(pid)).includes('corekube-kvm-probe')).map(Number);
+  await waitFor(() => cli > 0 && probes().length === 2, 60_000, 'the two probe guests');
+  const guests = probes();
+  process.kill(cli, 'SIGINT');
+  assert.is((await interrupted).code, 130);
+  for (const pid of guests) assert.not.ok(processRunning(pid), `probe guest ${pid} still runs`);
+  assert.not.ok(existsSync(join(ws.dir, 'xdg', 'corekube', 'kvm-verdicts.json')));
   const started = Date.now();
   const result = await runCli(['boot', ...workspaceArgs(ws)], { env });
   console.log(`    (make boot with the stalled probe: ${((Date.now() - started) / 1000).toFixed(1)} s)`);
