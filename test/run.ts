@@ -112,7 +112,8 @@ function runFile(file: string): Promise<FileResult> {
       } catch {
         // gone
       }
-      setTimeout(() => sweep(run), 5000).unref();
+      // Whatever survived SIGTERM: the file itself too, so that 'close' below comes.
+      setTimeout(() => active.has(run) && sweep(run), 5000).unref();
     }, fileTimeoutMs);
     let output = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => (output += text));
