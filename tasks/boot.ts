@@ -12,7 +12,8 @@ import { UserError } from './lib/errors.ts';
 import { artifactOutput } from './fetch.ts';
 import { diskOutput } from './disk.ts';
 import { ignitionDir } from './ignition.ts';
-import { apiForwardLog, apiForwardPidFile, apiServerHostPort, bootTimeFile, kvmUsable, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './lib/node/qemu.ts';
+import { kvmDeviceOpens, kvmVerdict, verdictFile, type ProbeGuest } from './lib/node/kvm.ts';
+import { apiForwardLog, apiForwardPidFile, apiServerHostPort, bootTimeFile, type Accelerator, logsDir, nodePaths, publishedPorts, qemuArgs, runDir, socketDir, type NodePaths, type StandIn } from './lib/node/qemu.ts';
 import type { RunContext, Stage } from './lib/run/stage.ts';
 import { indentTail, runTool, ToolError } from './lib/run/tool.ts';
 
@@ -82,7 +83,8 @@ export const bootStage: Stage = {
       const stopped = config.nodes.filter((node) => !running.includes(node));
       const switchPid = readPid(join(outDir, switchPidFile));
       if (changed.length === 0 && switchPid && processRunning(switchPid)) {
-        let accel = chooseAccelerator();
+        // The verdict on KVM is kept per boot of the host: no second probe here.
+        let accel = await chooseAccelerator({ guest: probeGuest(ctx), signal: ctx.signal, warn: warnTcg });
         for (const node of stopped) {
           task.output = `starting ${node.name} again (${accel}), beside ${running.map((n) => n.name).join(', ')}`;
           accel = await startNode(ctx, node, accel);
@@ -102,12 +104,6 @@ export const bootStage: Stage = {
     }
     await stopCluster(outDir, { timeoutMs: 0 }); // leftovers of a crashed run: stale pid files, sockets
     await checkPortsFree(config);
-    let accel = chooseAccelerator();
-    if (accel === 'tcg') warnTcg(process.env.COREKUBE_ACCEL === 'tcg' ? 'COREKUBE_ACCEL=tcg' : '/dev/kvm is not usable');
-    await mkdir(join(outDir, runDir), { recursive: true });
-    await mkdir(join(outDir, logsDir), { recursive: true });
-    const sockets = socketDir(outDir);
-    await mkdir(sockets, { recursive: true, mode: 0o700 });
     const standIn = standInFromEnv();
     for (const node of config.nodes) {
       const paths = pathsFor(ctx, node);
@@ -116,6 +112,13 @@ export const bootStage: Stage = {
         if (!existsSync(file)) throw new UserError(`${node.name}: the ${what} ${file} is missing (make cluster builds it)`);
       }
     }
+    // The probe boots what the nodes boot: the stand-in's kernel, or the FCOS image.
+    task.output = 'checking that KVM runs guests (once per boot of this host)';
+    let accel = await chooseAccelerator({ guest: probeGuest(ctx), signal: ctx.signal, warn: warnTcg });
+    await mkdir(join(outDir, runDir), { recursive: true });
+    await mkdir(join(outDir, logsDir), { recursive: true });
+    const sockets = socketDir(outDir);
+    await mkdir(sockets, { recursive: true, mode: 0o700 });
     await writeFile(join(outDir, bootTimeFile), `${new Date().toISOString()}\n`);
     task.output = 'starting the cluster switch';
     const firstPaths = pathsFor(ctx, config.nodes[0]!);
@@ -231,14 +234,51 @@ export function runningApiForward(outDir: string): number | undefined {
   }
 }
 
-/** KVM when usable, unless COREKUBE_ACCEL says otherwise (kvm: fail rather than emulate). */
-export function chooseAccelerator(env = process.env): Accelerator {
-  if (env.COREKUBE_ACCEL === 'tcg') return 'tcg';
-  if (env.COREKUBE_ACCEL === 'kvm') return 'kvm';
-  if (env.COREKUBE_ACCEL) throw new UserError(`COREKUBE_ACCEL: expected kvm or tcg, found "${env.COREKUBE_ACCEL}"`);
-  return kvmUsable() ? 'kvm' : 'tcg';
+/**
+ * KVM when it runs guests here, unless COREKUBE_ACCEL says otherwise (tcg: no probe; kvm:
+ * fail rather than emulate). /dev/kvm opening is not enough: a probe guest must boot into
+ * Linux under KVM faster than under TCG (lib/node/kvm.ts), judged once per host boot.
+ * COREKUBE_KVM_PROBE=stall (tests only) makes the probe's KVM guest one that never runs.
+ */
+export async function chooseAccelerator(options: { guest: ProbeGuest; signal?: AbortSignal; warn: (why: string) => void; env?: NodeJS.ProcessEnv; device?: string }): Promise<Accelerator> {
+  const env = options.env ?? process.env;
+  const forced = env.COREKUBE_ACCEL;
+  if (forced && forced !== 'kvm' && forced !== 'tcg') throw new UserError(`COREKUBE_ACCEL: expected kvm or tcg, found "${forced}"`);
+  if (forced === 'tcg') {
+    options.warn('COREKUBE_ACCEL=tcg');
+    return 'tcg';
+  }
+  const probe = env.COREKUBE_KVM_PROBE;
+  if (probe && probe !== 'stall') throw new UserError(`COREKUBE_KVM_PROBE: expected stall (tests only) or unset, found "${probe}"`);
+  const stall = probe === 'stall';
+  const device = options.device ?? '/dev/kvm';
+  if (!stall && !kvmDeviceOpens(device)) {
+    if (forced === 'kvm') throw new UserError(`COREKUBE_ACCEL=kvm, but ${device} cannot be opened read-write: load the kvm module and join the group that owns ${device}, or unset COREKUBE_ACCEL to boot under TCG`);
+    options.warn(`${device} cannot be opened read-write`);
+    return 'tcg';
+  }
+  const cacheFile = verdictFile(env);
+  const verdict = await kvmVerdict({ guest: options.guest, signal: options.signal, cacheFile, ...(stall ? { fake: 'stall' as const } : {}) });
+  if (!verdict) {
+    // Neither guest printed a kernel line: nothing learned, so keep to KVM as asked for.
+    process.stderr.write(`corekube: could not tell whether KVM runs guests (the probe guest printed no Linux line under KVM or TCG): booting under KVM\n`);
+    return 'kvm';
+  }
+  if (verdict.usable) return 'kvm';
+  const why = `KVM does not run guests here: ${verdict.reason}`;
+  const kept = `${verdict.cached ? `judged at ${verdict.probedAt}` : `judged in ${verdict.seconds} s`}, kept in ${cacheFile} until the host reboots`;
+  if (forced === 'kvm') throw new UserError(`COREKUBE_ACCEL=kvm, but ${why} (${kept}). Unset COREKUBE_ACCEL to boot every node under TCG instead (many times slower).`);
+  options.warn(`${why} (${kept})`);
+  return 'tcg';
 }
 
+/** The probe boots what the nodes boot: the stand-in's kernel, or the FCOS image. */
+function probeGuest(ctx: RunContext): ProbeGuest {
+  const standIn = standInFromEnv();
+  return standIn ? { kernel: standIn.kernel } : { image: pathsFor(ctx, ctx.config.nodes[0]!).image };
+}
+
+/** One line, whatever the cause: the cause first, then what corekube does about it. */
 function warnTcg(why: string): void {
   process.stderr.write(`corekube: ${why}: the nodes run under TCG emulation, many times slower (minutes to boot FCOS)\n`);
 }

@@ -1,7 +1,6 @@
 // How a node becomes a QEMU process: pure functions from the config to argv, ports and
 // paths, so that the boot, down and ssh commands and the tests agree on every detail.
 import { createHash } from 'node:crypto';
-import { accessSync, constants } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { ClusterConfig, NodeConfig } from '../inputs/config.ts';
@@ -72,15 +71,6 @@ export function publishedPorts(config: ClusterConfig): { port: number; what: str
       ]
     : [{ port: config.hostPorts.apiServer, what: `the API server on ${controlPlanes[0]!.name}`, field: 'hostPorts.apiServer' }];
   return [...api, ...config.nodes.map((node) => ({ port: sshPort(config, node), what: `SSH to ${node.name}`, field: 'hostPorts.sshBase' }))];
-}
-
-export function kvmUsable(device = '/dev/kvm'): boolean {
-  try {
-    accessSync(device, constants.R_OK | constants.W_OK);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /**
