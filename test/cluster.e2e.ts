@@ -105,6 +105,15 @@ for (const version of versions) {
       const lock = readFileSync(ws.lockFile, 'utf8');
       for (const image of up.registry.images) assert.ok(lock.includes(`${image.name}:${image.tag}@`), `the lock pins ${image.name}:${image.tag}:\n${lock}`);
 
+      // What kubeadm rejects shows here in seconds, not after a boot: the real kubeadm
+      // validates each node's generated configuration on this machine first.
+      const files = await cli(ws, ['ignition']);
+      assert.is(files.code, 0, `ignition failed:\n${files.stdout}\n${files.stderr}`);
+      for (const node of ['cp1', 'w1']) {
+        const check = spawnSync(join(up.real.dirs.kubernetes, 'kubeadm'), ['config', 'validate', '--config', join(ws.outDir, 'files', node, 'kubeadm.yaml')], { encoding: 'utf8' });
+        assert.is(check.status, 0, `kubeadm ${version} config validate rejects ${node}'s kubeadm.yaml:\n${check.stdout}${check.stderr}`);
+      }
+
       const cluster = await cli(ws, ['cluster']);
       const bootTimes = existsSync(join(ws.outDir, 'logs')) ? timeline(ws) : '';
       if (cluster.code !== 0) {
