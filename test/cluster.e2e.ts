@@ -10,8 +10,8 @@
 //   node test/cluster.e2e.ts [v1.37.2 …]     (default: COREKUBE_E2E_VERSIONS, else v1.37.2 v1.35.4)
 // A failure names the node, the unit and the last lines of its journal; the consoles stay
 // in the kept workspace (printed). COREKUBE_E2E_KEEP=1 keeps the workspace on success too.
-import { spawn, spawnSync } from 'node:child_process';
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -19,8 +19,7 @@ import * as assert from 'uvu/assert';
 import { stopCluster } from '../tasks/boot.ts';
 import { sshArgs } from '../tasks/lib/node/qemu.ts';
 import { consoleLog } from './fixtures/appliance.ts';
-import { startRealUpstream } from './fixtures/real-upstream.ts';
-import type { RealUpstream } from './fixtures/upstream-build.ts';
+import { hostChecks, startRealUpstream } from './fixtures/real-upstream.ts';
 import { buildStandInNode, standInNodeEnv, type StandInNode } from './fixtures/standin-node.ts';
 import { fixtureMirrors, freePortBlock, loud, makeWorkspace, runCli, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
 
@@ -114,7 +113,7 @@ for (const version of versions) {
         const check = spawnSync(join(up.real.dirs.kubernetes, 'kubeadm'), ['config', 'validate', '--config', join(ws.outDir, 'files', node, 'kubeadm.yaml')], { encoding: 'utf8' });
         assert.is(check.status, 0, `kubeadm ${version} config validate rejects ${node}'s kubeadm.yaml:\n${check.stdout}${check.stderr}`);
       }
-      await hostChecks(ws, up.real);
+      await hostChecks(ws.outDir, up.real);
 
       const cluster = await cli(ws, ['cluster']);
       const bootTimes = existsSync(join(ws.outDir, 'logs')) ? timeline(ws) : '';
@@ -137,62 +136,6 @@ for (const version of versions) {
       await up?.close();
     }
   });
-}
-
-/**
- * The real programs read corekube's generated files on this machine, in seconds, before a
- * boot: `kubeadm init --dry-run` renders the static pods with the patches (into a temp
- * dir, KUBEADM_INIT_DRYRUN_DIR; preflight is the node's business), and the real
- * containerd starts with the generated config (paths moved under a temp dir) and loads
- * its CRI plugin with the pinned sandbox image and runc.
- */
-async function hostChecks(ws: Workspace, real: RealUpstream): Promise<void> {
-  const files = join(ws.outDir, 'files', 'cp1');
-  const tmp = mkdtempSync(join(work, 'host-checks-'));
-  try {
-    const patches = join(tmp, 'patches');
-    mkdirSync(patches);
-    for (const target of ['etcd', 'kube-apiserver', 'kube-controller-manager', 'kube-scheduler']) {
-      copyFileSync(join(files, `kubeadm-patch-${target}.yaml`), join(patches, `${target}+strategic.yaml`));
-    }
-    writeFileSync(join(tmp, 'kubeadm.yaml'), readFileSync(join(files, 'kubeadm.yaml'), 'utf8').replaceAll('/etc/corekube/kubeadm-patches', patches));
-    const dryRun = spawnSync(join(real.dirs.kubernetes, 'kubeadm'), ['init', '--config', join(tmp, 'kubeadm.yaml'), '--dry-run', '--ignore-preflight-errors=all', '--skip-token-print'], {
-      encoding: 'utf8',
-      env: { ...process.env, KUBEADM_INIT_DRYRUN_DIR: join(tmp, 'dry-run') },
-      timeout: 300_000,
-    });
-    assert.is(dryRun.status, 0, `kubeadm init --dry-run with cp1's config:\n${dryRun.stdout.slice(-3000)}${dryRun.stderr.slice(-3000)}`);
-    const etcd = readFileSync(join(tmp, 'dry-run', 'etcd.yaml'), 'utf8');
-    assert.match(etcd, /type: spc_t/, 'the etcd patch reached the static pod');
-
-    const state = join(tmp, 'containerd');
-    const config = readFileSync(join(files, 'containerd.toml'), 'utf8')
-      .replace('"/var/lib/containerd"', JSON.stringify(join(state, 'root')))
-      .replace('"/run/containerd"', JSON.stringify(join(state, 'state')))
-      .replace('"/run/containerd/containerd.sock"', JSON.stringify(join(state, 'sock')));
-    mkdirSync(state);
-    writeFileSync(join(state, 'config.toml'), config);
-    const bin = join(real.dirs.containerd, 'bin');
-    const daemon = spawn(join(bin, 'containerd'), ['--config', join(state, 'config.toml')], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let log = '';
-    const exited = new Promise((resolve) => daemon.once('exit', resolve));
-    daemon.stderr.setEncoding('utf8').on('data', (t: string) => (log += t));
-    try {
-      const deadline = Date.now() + 120_000;
-      while (!existsSync(join(state, 'sock')) && Date.now() < deadline && daemon.exitCode === null) await new Promise((r) => setTimeout(r, 100));
-      const info = spawnSync(join(real.dirs.crictl, 'crictl'), ['--runtime-endpoint', `unix://${join(state, 'sock')}`, 'info'], { encoding: 'utf8', timeout: 60_000 });
-      assert.is(info.status, 0, `crictl info against containerd ${real.versions.containerd} with corekube's config:\n${info.stderr}\n${log.slice(-3000)}`);
-      assert.match(info.stdout, /"BinaryName": "\/usr\/local\/bin\/runc"/, 'runc from the image disk');
-      assert.match(info.stdout, /"SystemdCgroup": true/);
-      assert.not.match(log, /level=(error|fatal)/, `containerd ${real.versions.containerd} logged errors with corekube's config:\n${log}`);
-    } finally {
-      daemon.kill('SIGTERM');
-      await exited;
-      spawnSync('umount', ['-R', join(state, 'state')]);
-    }
-  } finally {
-    rmSync(tmp, { recursive: true, force: true });
-  }
 }
 
 /** What took the time, from the consoles' COREKUBE lines and systemd's timestamps where present. */
