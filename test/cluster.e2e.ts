@@ -17,6 +17,8 @@ import { join } from 'node:path';
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { stopCluster } from '../tasks/boot.ts';
+import { apiServerUrl, pkiDir } from '../tasks/pki.ts';
+import { apiClient } from '../tasks/verify.ts';
 import { sshArgs } from '../tasks/lib/node/qemu.ts';
 import { consoleLog } from './fixtures/appliance.ts';
 import { hostChecks, startRealUpstream } from './fixtures/real-upstream.ts';
@@ -123,7 +125,8 @@ for (const version of versions) {
       }
       const verify = await cli(ws, ['verify']);
       assert.is(verify.code, 0, `verify after cluster:\n${verify.stdout}\n${verify.stderr}`);
-      console.log(`    (${version}: make cluster green in ${cluster.seconds.toFixed(0)} s; ${bootTimes})`);
+      const dns = await dnsFromPod(ws, `${up.registry.images.find((i) => i.name === 'ghcr.io/flannel-io/flannel-cni-plugin')!.name}:${up.registry.images.find((i) => i.name === 'ghcr.io/flannel-io/flannel-cni-plugin')!.tag}`);
+      console.log(`    (${version}: make cluster green in ${cluster.seconds.toFixed(0)} s; DNS from a pod on w1: ${dns}; ${bootTimes})`);
     } catch (error) {
       failed = true;
       if (ws && error instanceof Error && !error.message.includes('══ cp1')) error.message += explain(ws);
@@ -136,6 +139,42 @@ for (const version of versions) {
       await up?.close();
     }
   });
+}
+
+/**
+ * A pod on the worker looks up kubernetes.default (busybox nslookup, from the flannel CNI
+ * plugin's image, which the layout has): cluster DNS through kube-proxy's service rules
+ * and flannel, from a pod. Returns the answer's address line.
+ */
+async function dnsFromPod(ws: Workspace, image: string): Promise<string> {
+  const read = (name: string) => readFileSync(join(ws.outDir, pkiDir, name), 'utf8');
+  const config = ws.context().config;
+  const api = await apiClient(apiServerUrl(config), { ca: read('ca.crt'), cert: read('admin.crt'), key: read('admin.key') });
+  const name = 'corekube-e2e-dns';
+  const created = await api.post('/api/v1/namespaces/default/pods', {
+    apiVersion: 'v1',
+    kind: 'Pod',
+    metadata: { name },
+    spec: {
+      nodeName: 'w1',
+      restartPolicy: 'Never',
+      securityContext: { runAsNonRoot: true, runAsUser: 65534, seccompProfile: { type: 'RuntimeDefault' } },
+      containers: [{ name: 'lookup', image, imagePullPolicy: 'Never', command: ['/bin/nslookup', 'kubernetes.default.svc.cluster.local'], securityContext: { allowPrivilegeEscalation: false, capabilities: { drop: ['ALL'] } } }],
+    },
+  });
+  assert.ok(created.status === 201, `create the DNS pod: ${created.status} ${created.body.slice(0, 300)}`);
+  const deadline = Date.now() + 600_000;
+  for (;;) {
+    const pod = JSON.parse((await api.get(`/api/v1/namespaces/default/pods/${name}`)).body) as { status?: { phase?: string } };
+    const phase = pod.status?.phase;
+    if (phase === 'Succeeded' || phase === 'Failed' || Date.now() > deadline) {
+      const logs = (await api.get(`/api/v1/namespaces/default/pods/${name}/log`)).body;
+      await api.delete(`/api/v1/namespaces/default/pods/${name}`);
+      assert.is(phase, 'Succeeded', `nslookup kubernetes.default from a pod on w1: ${phase}:\n${logs}`);
+      return logs.trim().split('\n').filter((l) => /Address/.test(l)).pop() ?? logs.trim();
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+  }
 }
 
 /** What took the time, from the consoles' COREKUBE lines and systemd's timestamps where present. */
