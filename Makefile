@@ -19,7 +19,7 @@ ENV_VARIABLES := CONFIG LOCK JOBS VERIFY_TIMEOUT DOWN_TIMEOUT COREKUBE_ACCEL BUT
 # The stages, as in tasks/stages.ts.
 STAGES := pin fetch images pki disk ignition boot verify
 
-.PHONY: help cluster $(STAGES) bundle unbundle fsck down ssh deps test typecheck bench clean clean-pki distclean
+.PHONY: help cluster $(STAGES) bundle unbundle fsck down ssh deps test e2e typecheck bench clean clean-pki distclean
 
 help:
 	@echo "make cluster      build and boot everything (the stages below but pin, in order; fresh ones are skipped; pin first when there is no lock; installs missing system tools)"
@@ -38,6 +38,7 @@ help:
 	@echo "make ssh NODE=n   a shell on node n as core"
 	@echo "make deps         install the system tools the stages need (apt-get or dnf)"
 	@echo "make test         install the tools the tests need (if missing), type-check and run the tests"
+	@echo "make e2e          the real-cluster tier: upstream built from source, pin + cluster + verify + down per version (slow; VERSIONS=\"v1.37.2 v1.35.4\")"
 	@echo "make bench        run the benchmarks in bench/"
 	@echo "make clean        remove out/ but the cluster CA (out/pki, out/kubeconfig); keeps cache/"
 	@echo "make clean-pki    remove the cluster CA too: the next build makes a new one"
@@ -90,6 +91,12 @@ test: $(NPM_STAMP)
 	@node tasks/cli.ts deps --test --install
 	tsc -p tsconfig.json
 	node test/run.ts
+
+# The real-cluster tier, never part of `make test`: builds upstream's programs from source
+# (Go module proxy; cached under ~/.cache/corekube-test), then a real cluster per version.
+e2e: $(NPM_STAMP)
+	@node tasks/cli.ts deps --test --install
+	node test/cluster.e2e.ts $(VERSIONS)
 
 bench: $(NPM_STAMP)
 	node bench/run.ts

@@ -199,7 +199,7 @@ test('a stalled server is given up on after the stall timeout, then retried', as
   await fetchIn(ws, { http: { retries: 2, stallTimeoutMs: 400, backoffMs: 10 } });
   // Given up on and retried: a second request (a hang would hit test/run.ts's per-file timeout).
   assert.is(requestsFor('crictl').length, 2);
-  assert.is(sha256(join(ws.outDir, 'artifacts', `crictl-v1.35.0-linux-amd64.tar.gz`)), tree.artifacts.crictl!.sha256);
+  assert.is(sha256(join(ws.outDir, 'artifacts', `crictl-v1.37.0-linux-amd64.tar.gz`)), tree.artifacts.crictl!.sha256);
 });
 
 test('a server that stalls forever fails with a message naming the stall', async () => {

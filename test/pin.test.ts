@@ -89,7 +89,7 @@ test('the artifact URLs for the tested components are where upstream (and the fi
   const arm = artifactSources('aarch64', 'v1.36.3', resolveComponents({ containerd: 'v2.2.0' }));
   assert.is(arm.find((s) => s.key === 'kubelet')!.url, 'https://dl.k8s.io/release/v1.36.3/bin/linux/arm64/kubelet');
   assert.is(arm.find((s) => s.key === 'containerd')!.url, 'https://github.com/containerd/containerd/releases/download/v2.2.0/containerd-2.2.0-linux-arm64.tar.gz');
-  assert.is(arm.find((s) => s.key === 'runc')!.checksumUrl, 'https://github.com/opencontainers/runc/releases/download/v1.3.0/runc.sha256sum');
+  assert.is(arm.find((s) => s.key === 'runc')!.checksumUrl, 'https://github.com/opencontainers/runc/releases/download/v1.4.4/runc.sha256sum');
   assert.is(arm.find((s) => s.key === 'butane')!.url, 'https://github.com/coreos/butane/releases/download/v0.29.0/butane-aarch64-unknown-linux-gnu');
   assert.is(arm.find((s) => s.key === 'butane')!.checksumUrl, undefined, 'butane publishes no checksum file');
   assert.throws(() => resolveComponents({ runc: 'latest' }), /runc: expected a version/);

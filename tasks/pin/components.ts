@@ -19,9 +19,9 @@ export interface ComponentVersions {
  * (written without a leading v; either form is accepted as an override).
  */
 export const testedComponents: Readonly<ComponentVersions> = {
-  crictl: '1.35.0',
-  containerd: '2.1.4',
-  runc: '1.3.0',
+  crictl: '1.37.0',
+  containerd: '2.3.7',
+  runc: '1.4.4',
   cniPlugins: '1.9.1',
   butane: '0.29.0',
 };
