@@ -38,7 +38,7 @@ type Members = { members: { ID: string; name?: string; peerURLs: string[]; isLea
 const members = (): Members['members'] => (JSON.parse(curlEtcd('list', '{}')) as Members).members;
 
 /** The boot script's function, sourced as on a node, with this test's paths and ports. */
-function removeStale(controlPlanes: string, pkiDir = pki): { code: number | null; stderr: string } {
+function removeStale(controlPlanes: string, pkiDir = pki, nodeIp = '10.77.0.10'): { code: number | null; stderr: string } {
   // As the unit runs it: bash with errexit and pipefail (the script sets them), no rc files.
   const result = spawnSync('bash', ['--norc', '--noprofile', '-c', `. "${script}" && remove_stale_member`], {
     encoding: 'utf8',
@@ -48,7 +48,7 @@ function removeStale(controlPlanes: string, pkiDir = pki): { code: number | null
       COREKUBE_PKI: pkiDir,
       COREKUBE_ETCD_PORT: String(clientPort),
       COREKUBE_NODE_NAME: 'cp1',
-      COREKUBE_NODE_IP: '10.77.0.10',
+      COREKUBE_NODE_IP: nodeIp,
       COREKUBE_CONTROL_PLANES: controlPlanes,
     },
   });
@@ -114,15 +114,18 @@ test('no healthy member answers (no quorum, or none up): it fails, naming the pe
 });
 
 test('a client certificate from another CA is refused by etcd: the member stays', () => {
-  curlEtcd('add', JSON.stringify({ peerURLs: ['https://10.77.0.10:2380'], isLearner: true }));
+  // Another peer URL than the first test's: etcd derives a member's ID from its peer URLs
+  // and the second it was added (computeMemberID), and refuses an ID it removed (as "member
+  // not found"), so the same URL within the same second would fail for etcd's own reason.
+  curlEtcd('add', JSON.stringify({ peerURLs: ['https://10.77.0.11:2380'], isLearner: true }));
   const other = join(work, 'other');
   mkdirSync(join(other, 'etcd'), { recursive: true });
   makeCa(join(other, 'etcd'), 'another-ca');
   issue(join(other, 'etcd'), 'healthcheck-client', '/CN=kube-etcd-healthcheck-client', 'extendedKeyUsage=clientAuth\n');
   execFileSync('cp', [join(pki, 'etcd', 'ca.crt'), join(other, 'etcd', 'ca.crt')]);
-  const result = removeStale('cp1=10.77.0.10 cp2=127.0.0.1', other);
+  const result = removeStale('cp1=10.77.0.11 cp2=127.0.0.1', other, '10.77.0.11');
   assert.is(result.code, 1);
-  assert.ok(members().some((m) => m.peerURLs[0] === 'https://10.77.0.10:2380'));
+  assert.ok(members().some((m) => m.peerURLs[0] === 'https://10.77.0.11:2380'));
   assert.ok(existsSync(join(other, 'etcd', 'healthcheck-client.crt')));
 });
 
