@@ -40,7 +40,7 @@ interface FileResult {
 
 // A file that hangs fails after this long (tests assert what happened, not how fast it
 // was on this machine: a hang is the only timing failure).
-const fileTimeoutMs = Number(process.env.TEST_FILE_TIMEOUT ?? 900) * 1000;
+const fileTimeoutMs = Number(process.env.TEST_FILE_TIMEOUT ?? 1800) * 1000;
 
 /** The processes whose environment carries `marker` (NAME=value), with their command lines. */
 function processesMarked(marker: string): { pid: number; command: string }[] {
