@@ -7,7 +7,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ClusterConfig } from './lib/inputs/config.ts';
-import { UserError } from './lib/errors.ts';
+import { isAbortError, UserError } from './lib/errors.ts';
 import type { Lock } from './lib/inputs/lock.ts';
 import { sandboxImage } from './lib/node/node-config.ts';
 import { kubeVipLease } from './lib/node/kube-vip.ts';
@@ -44,6 +44,35 @@ export async function apiClient(server: string, pki: { ca: string; cert: string;
     post: (p, body) => wrap(client.post(path(p), { json: body })),
     delete: (p) => wrap(client.delete(path(p))),
   };
+}
+
+/** The status of a request that got no answer (a timeout, a refused or reset connection). */
+export const noAnswer = 0;
+
+/**
+ * The same client, but a request that gets no answer resolves with status `noAnswer` and
+ * the error's message as its body instead of throwing: an API server that is slow, restarting or
+ * not yet listening is "not ready yet" for whoever waits on it. Cancellation still throws.
+ */
+export function patient(api: ApiClient): ApiClient {
+  const settle = async (request: () => Promise<{ status: number; body: string }>) => {
+    try {
+      return await request();
+    } catch (error) {
+      if (isAbortError(error)) throw error;
+      return { status: noAnswer, body: (error as Error).message };
+    }
+  };
+  return {
+    get: (p) => settle(() => api.get(p)),
+    post: (p, body) => settle(() => api.post(p, body)),
+    delete: (p) => settle(() => api.delete(p)),
+  };
+}
+
+/** A failed request in a check's detail: "no answer (why)", else the status. */
+function failure(reply: { status: number; body: string }): string {
+  return reply.status === noAnswer ? `no answer (${reply.body})` : String(reply.status);
 }
 
 export interface CheckResult {
@@ -149,21 +178,18 @@ function parse<T>(body: string): T | undefined {
 }
 
 /** One round of every check; the smoke pod is created once and judged on each round. */
-export async function checkCluster(api: ApiClient, config: ClusterConfig, lock: Lock, smokeName: string, state: { smokeCreated: boolean }): Promise<CheckResult[]> {
+export async function checkCluster(client: ApiClient, config: ClusterConfig, lock: Lock, smokeName: string, state: { smokeCreated: boolean }): Promise<CheckResult[]> {
+  const api = patient(client);
   const controlPlane = config.nodes.find((n) => n.role === 'control-plane')!.name;
-  let ready: { status: number; body: string };
-  try {
-    ready = await api.get('/readyz');
-  } catch (error) {
-    return [{ name: 'API server', ok: false, detail: `no answer on ${apiServerUrl(config)}: ${(error as Error).message}`, node: controlPlane }];
-  }
+  const ready = await api.get('/readyz');
+  if (ready.status === noAnswer) return [{ name: 'API server', ok: false, detail: `no answer on ${apiServerUrl(config)}: ${ready.body}`, node: controlPlane }];
   if (ready.status !== 200) return [{ name: 'API server', ok: false, detail: `/readyz answered ${ready.status}: ${ready.body.trim().split('\n').slice(-3).join('; ')}`, node: controlPlane }];
   const results: CheckResult[] = [{ name: 'API server', ok: true, detail: '/readyz ok' }];
   const nodes = await api.get('/api/v1/nodes');
-  results.push(nodes.status === 200 ? judgeNodes(config, parse<NodeList>(nodes.body) ?? { items: [] }) : { name: 'nodes', ok: false, detail: `GET /api/v1/nodes: ${nodes.status}` });
+  results.push(nodes.status === 200 ? judgeNodes(config, parse<NodeList>(nodes.body) ?? { items: [] }) : { name: 'nodes', ok: false, detail: `GET /api/v1/nodes: ${failure(nodes)}` });
   const pods = await api.get('/api/v1/namespaces/kube-system/pods');
   const podList = parse<PodList>(pods.body) ?? { items: [] };
-  results.push(pods.status === 200 ? judgeSystemPods(podList) : { name: 'kube-system pods', ok: false, detail: `GET pods: ${pods.status}` });
+  results.push(pods.status === 200 ? judgeSystemPods(podList) : { name: 'kube-system pods', ok: false, detail: `GET pods: ${failure(pods)}` });
   if (config.controlPlane?.virtualIp) {
     results.push(judgeEtcd(config, podList));
     const lease = await api.get(`/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/${kubeVipLease.name}`);
@@ -173,11 +199,12 @@ export async function checkCluster(api: ApiClient, config: ClusterConfig, lock: 
   if (!state.smokeCreated) {
     const created = await api.post('/api/v1/namespaces/default/pods', smokePod(config, lock, smokeName));
     if (created.status === 201 || created.status === 409) state.smokeCreated = true;
-    else results.push({ name: 'smoke pod', ok: false, detail: `create: ${created.status} ${created.body.slice(0, 200)}` });
+    else results.push({ name: 'smoke pod', ok: false, detail: `create: ${failure(created)} ${created.status === noAnswer ? '' : created.body.slice(0, 200)}`.trim() });
   }
   if (state.smokeCreated) {
-    const smoke = parse<PodList['items'][number]>((await api.get(`/api/v1/namespaces/default/pods/${smokeName}`)).body);
-    const phase = smoke?.status?.phase ?? 'unknown';
+    const reply = await api.get(`/api/v1/namespaces/default/pods/${smokeName}`);
+    const smoke = reply.status === 200 ? parse<PodList['items'][number]>(reply.body) : undefined;
+    const phase = smoke?.status?.phase ?? (reply.status === 200 ? 'unknown' : failure(reply));
     const on = smoke?.spec?.nodeName;
     results.push({ name: 'smoke pod', ok: phase === 'Running', detail: `${phase}${on ? ` on ${on}` : ''}`, ...(on ? { node: on } : {}) });
   }
@@ -188,7 +215,7 @@ export async function checkCluster(api: ApiClient, config: ClusterConfig, lock: 
     results.push({ name: 'cluster DNS', ok: false, detail: 'no CoreDNS pod running' });
   } else {
     const answer = await api.get(`/api/v1/namespaces/kube-system/pods/${coredns[0]!.metadata.name}:8181/proxy/ready`);
-    results.push({ name: 'cluster DNS', ok: answer.status === 200, detail: answer.status === 200 ? `${coredns[0]!.metadata.name} serving` : `ready endpoint: ${answer.status}` });
+    results.push({ name: 'cluster DNS', ok: answer.status === 200, detail: answer.status === 200 ? `${coredns[0]!.metadata.name} serving` : `ready endpoint: ${failure(answer)}` });
   }
   return results;
 }

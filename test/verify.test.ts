@@ -38,7 +38,7 @@ test.after(async () => {
   rmSync(work, { recursive: true, force: true });
 });
 
-async function apiServer(scenario: { readyAfter: number; neverReady?: string[] }): Promise<ApiServerFixture> {
+async function apiServer(scenario: { readyAfter: number; neverReady?: string[]; dropNodeRequests?: number }): Promise<ApiServerFixture> {
   const server = await startApiServer({
     port: apiPort,
     caCert: join(ws.outDir, 'pki', 'ca.crt'),
@@ -72,6 +72,33 @@ test('waits for the API server, then nodes, kube-system, the smoke pod on a work
   assert.ok(smoke, 'a smoke pod was created');
   assert.is(smoke!.spec.spec.containers[0].image, 'registry.k8s.io/pause:3.10.1');
   assert.ok(smoke!.deleted, 'and deleted at the end');
+});
+
+test('a request that gets no answer after /readyz (an API server restarting or too slow) is "not ready yet", never a crash', async () => {
+  const server = await apiServer({ readyAfter: 0, dropNodeRequests: 2 });
+  process.env.VERIFY_TIMEOUT = '20';
+  const lines: string[] = [];
+  const log = console.log;
+  console.log = (line: string) => lines.push(line);
+  try {
+    await runStages(ws.context(), [verifyStage], { renderer: 'silent' });
+  } finally {
+    console.log = log;
+    await server.close();
+    servers.pop();
+  }
+  assert.match(lines.join('\n'), /cluster test verified/);
+  assert.ok(server.requests.filter((r) => r.path === '/api/v1/nodes').length >= 3, 'it asked again after the dropped answers');
+});
+
+test('a request with no answer is reported as such when the bound is reached', async () => {
+  const server = await apiServer({ readyAfter: 0, dropNodeRequests: 1_000_000 });
+  process.env.VERIFY_TIMEOUT = '1';
+  const error = await runStages(ws.context(), [verifyStage], { renderer: 'silent' }).then(() => undefined, (e: Error) => e);
+  await server.close();
+  servers.pop();
+  assert.ok(error, 'verify failed');
+  assert.match(error!.message, /FAIL nodes: GET \/api\/v1\/nodes: no answer \(.+\)/);
 });
 
 test('a node that never turns Ready fails verify within its bound, naming it, with its console tail', async () => {
