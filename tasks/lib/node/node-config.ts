@@ -329,8 +329,13 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
       localAPIEndpoint: { advertiseAddress: node.ip, bindPort: apiServerPort },
       nodeRegistration,
       patches,
-      // kubeadm's 4-minute defaults are short for a first boot under TCG.
-      timeouts: { controlPlaneComponentHealthCheck: '10m0s', kubeletHealthCheck: '10m0s' },
+      // kubeadm's 4-minute defaults are short for a first boot under TCG. kubernetesAPICall
+      // bounds the calls kubeadm retries against a live API server (the admin.conf
+      // ClusterRoleBinding, the bootstrap token, the config upload; 1 min by default): a
+      // healthy API server answers each in milliseconds, so a longer bound costs nothing,
+      // while an API server still busy with its first start (cold caches, slow disks, TCG)
+      // otherwise fails init and costs a reset and another try.
+      timeouts: { controlPlaneComponentHealthCheck: '10m0s', kubeletHealthCheck: '10m0s', kubernetesAPICall: '5m0s' },
     },
     {
       apiVersion: 'kubeadm.k8s.io/v1beta4',
@@ -389,7 +394,7 @@ export function controlPlaneJoinDocuments(config: ClusterConfig, node: NodeConfi
       patches: { directory: nodePaths.kubeadmPatches },
       // Slow first boots (TCG), and kubeadm's etcd calls wait while another control plane's
       // learner is promoted (etcd admits one learner at a time).
-      timeouts: { discovery: '20m0s', tlsBootstrap: '10m0s', controlPlaneComponentHealthCheck: '10m0s', kubeletHealthCheck: '10m0s', etcdAPICall: '10m0s' },
+      timeouts: { discovery: '20m0s', tlsBootstrap: '10m0s', controlPlaneComponentHealthCheck: '10m0s', kubeletHealthCheck: '10m0s', etcdAPICall: '10m0s', kubernetesAPICall: '5m0s' },
     },
   ];
 }
