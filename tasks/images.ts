@@ -55,7 +55,7 @@ export const imagesStage: Stage = {
     return [imagesOutput];
   },
   async run(ctx, task) {
-    checkImageCoverage(ctx.lock, clusterImages(manifestsDir(ctx)));
+    checkImageCoverage(ctx.lock, clusterImages(manifestsDir(ctx), ctx.config));
     const store = storeDir(ctx);
     await ctx.cache.removeStaleTemporaries();
     const movedAside = await checkStoreBlobs(ctx, store);
@@ -353,8 +353,8 @@ export function readManifestImages(dir: string): ManifestImage[] {
  * corekube renders itself (kube-vip's static pod). Pin resolves them, the images stage
  * checks the lock covers them.
  */
-export function clusterImages(dir: string): ManifestImage[] {
-  return [...readManifestImages(dir), ...renderedImages];
+export function clusterImages(dir: string, config: Pick<ClusterConfig, 'controlPlane'>): ManifestImage[] {
+  return [...readManifestImages(dir), ...renderedImages(config)];
 }
 
 /** The images kubeadm pulls for a Kubernetes version (the control plane at that exact tag). */

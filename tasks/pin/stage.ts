@@ -105,7 +105,7 @@ export async function pin(ctx: RunContext, options: PinOptions = {}): Promise<Pi
     progress,
   });
   // Manifests first: a bad manifest fails before anything is downloaded.
-  const manifestImages = clusterImages(join(settings.root, 'manifests'));
+  const manifestImages = clusterImages(join(settings.root, 'manifests'), config);
   const previous = readPrevious(settings.lockFile);
   await ctx.cache.removeStaleTemporaries();
 

@@ -4,6 +4,7 @@ import { readFileSync } from 'node:fs';
 import { architectures, fcosStreams, type Architecture, type ClusterConfig } from './config.ts';
 import { ExitCode, InputError, UserError } from '../errors.ts';
 import { fieldPath, parseYaml, Reader, sha256Pattern } from './fields.ts';
+import { kubeVipImage } from '../node/kube-vip.ts';
 
 export const defaultLockFile = 'corekube.lock.yaml';
 export const lockVersion = 1;
@@ -234,6 +235,13 @@ export function checkLockMatchesConfig(lock: Lock, config: ClusterConfig): void 
       path: 'artifacts.fcos-openstack',
       expected: `the FCOS OpenStack image (target openstack in ${config.file}): make pin TARGET=openstack`,
       found: 'nothing',
+    });
+  }
+  if (config.controlPlane?.virtualIp && !lock.images.some((i) => i.name === kubeVipImage.name && i.tag === kubeVipImage.tag)) {
+    problems.push({
+      path: 'images',
+      expected: `${kubeVipImage.name}:${kubeVipImage.tag} (three control planes in ${config.file} hold their virtual IP with kube-vip): make pin`,
+      found: 'no kube-vip image',
     });
   }
   if (problems.length > 0) {

@@ -16,10 +16,15 @@ import type { ClusterConfig } from '../inputs/config.ts';
  */
 export const kubeVipImage = { name: 'ghcr.io/kube-vip/kube-vip', tag: 'v1.2.3' } as const;
 
-/** Images corekube renders itself (not in manifests/, not kubeadm's): pin and images treat them like those in manifests/. */
-export const renderedImages: readonly { file: string; image: string }[] = [
-  { file: 'tasks/lib/node/kube-vip.ts', image: `${kubeVipImage.name}:${kubeVipImage.tag}` },
-];
+/**
+ * Images corekube renders itself (not in manifests/, not kubeadm's): pin and images treat
+ * them like those in manifests/. kube-vip only where it runs (three control planes): one
+ * control plane has no virtual IP, and its lock, cache and image disk carry no image it
+ * never starts.
+ */
+export function renderedImages(config: Pick<ClusterConfig, 'controlPlane'>): { file: string; image: string }[] {
+  return config.controlPlane?.virtualIp ? [{ file: 'tasks/lib/node/kube-vip.ts', image: `${kubeVipImage.name}:${kubeVipImage.tag}` }] : [];
+}
 
 /** Where the boot script finds the two variants on a control plane. */
 export const kubeVipPaths = {
