@@ -19,10 +19,11 @@ import * as assert from 'uvu/assert';
 import { stopCluster } from '../tasks/boot.ts';
 import { apiServerUrl, pkiDir } from '../tasks/pki.ts';
 import { apiClient, noAnswer, patient } from '../tasks/verify.ts';
-import { sshArgs } from '../tasks/lib/node/qemu.ts';
+import { bootTimeFile, sshArgs } from '../tasks/lib/node/qemu.ts';
 import { consoleLog } from './fixtures/appliance.ts';
 import { hostChecks, startRealUpstream } from './fixtures/real-upstream.ts';
 import { buildStandInNode, standInNodeEnv, type StandInNode } from './fixtures/standin-node.ts';
+import { apiMarks, nodeReportCommand, parseNodeReport, renderTimeline, type NodeReport } from './fixtures/timeline.ts';
 import { fixtureMirrors, freePortBlock, loud, makeWorkspace, runCli, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
 
 const versions = process.argv.slice(2).filter((a) => a.startsWith('v')).length > 0
@@ -118,18 +119,21 @@ for (const version of versions) {
       await hostChecks(ws.outDir, up.real);
 
       const cluster = await cli(ws, ['cluster']);
-      const bootTimes = existsSync(join(ws.outDir, 'logs')) ? timeline(ws) : '';
       if (cluster.code !== 0) {
         failed = true;
         assert.unreachable(`cluster failed (exit ${cluster.code}) after ${cluster.seconds.toFixed(0)} s:\n${cluster.stdout.slice(-4000)}\n${cluster.stderr.slice(-4000)}${explain(ws)}`);
       }
       const verify = await cli(ws, ['verify']);
       assert.is(verify.code, 0, `verify after cluster:\n${verify.stdout}\n${verify.stderr}`);
-      const dns = await dnsFromPod(ws, `${up.registry.images.find((i) => i.name === 'ghcr.io/flannel-io/flannel-cni-plugin')!.name}:${up.registry.images.find((i) => i.name === 'ghcr.io/flannel-io/flannel-cni-plugin')!.tag}`);
-      console.log(`    (${version}: make cluster green in ${cluster.seconds.toFixed(0)} s; DNS from a pod on w1: ${dns}; ${bootTimes})`);
+      const lookupImage = up.registry.images.find((i) => i.name === 'ghcr.io/flannel-io/flannel-cni-plugin')!;
+      const dns = await dnsFromPod(ws, `${lookupImage.name}:${lookupImage.tag}`);
+      console.log(`    (${version}: make cluster green in ${cluster.seconds.toFixed(0)} s, make verify again in ${verify.seconds.toFixed(0)} s; DNS from a pod on w1: ${dns})`);
+      for (const line of await timeline(ws)) console.log(`    (${version} ${line})`);
     } catch (error) {
       failed = true;
       if (ws && error instanceof Error && !error.message.includes('══ cp1')) error.message += explain(ws);
+      // How far each node got, and when.
+      if (ws && existsSync(join(ws.outDir, bootTimeFile))) for (const line of await timeline(ws).catch(() => [])) console.log(`    (${version} ${line})`);
       throw error;
     } finally {
       if (ws) {
@@ -184,15 +188,19 @@ async function dnsFromPod(ws: Workspace, image: string): Promise<string> {
   }
 }
 
-/** What took the time, from the consoles' COREKUBE lines and systemd's timestamps where present. */
-function timeline(ws: Workspace): string {
-  const parts: string[] = [];
-  for (const node of ['cp1', 'w1']) {
-    const text = consoleLog(ws.outDir, node);
-    const marks = [...text.matchAll(/\[\s*(\d+\.\d+)\] .*?(Finished|Started) (corekube[\w-]*\.service|kubelet\.service|containerd\.service)/g)].map((m) => `${m[3]} ${m[2]!.toLowerCase()} at ${Number(m[1]).toFixed(0)} s`);
-    if (marks.length) parts.push(`${node}: ${[...new Set(marks)].join(', ')}`);
-  }
-  return parts.join('; ');
+/** Where the time went from make boot to green, per node (test/fixtures/timeline.ts). */
+async function timeline(ws: Workspace): Promise<string[]> {
+  const bootStarted = Date.parse(readFileSync(join(ws.outDir, bootTimeFile), 'utf8').trim()) / 1000;
+  const reports: Record<string, NodeReport> = {};
+  for (const node of ['cp1', 'w1']) reports[node] = parseNodeReport(ssh(ws, node, nodeReportCommand));
+  const read = (name: string) => readFileSync(join(ws.outDir, pkiDir, name), 'utf8');
+  const api = patient(await apiClient(apiServerUrl(ws.context().config), { ca: read('ca.crt'), cert: read('admin.crt'), key: read('admin.key') }));
+  const list = async (path: string) => {
+    const reply = await api.get(path);
+    return reply.status === 200 ? JSON.parse(reply.body) : { items: [] };
+  };
+  const pods = [...(await list('/api/v1/namespaces/kube-system/pods')).items, ...(await list('/api/v1/namespaces/kube-flannel/pods')).items];
+  return renderTimeline(bootStarted, reports, apiMarks(await list('/api/v1/nodes'), { items: pods }));
 }
 
 test.run();
