@@ -23,12 +23,13 @@ import { bootTimeFile, sshArgs } from '../tasks/lib/node/qemu.ts';
 import { consoleLog } from './fixtures/appliance.ts';
 import { hostChecks, startRealUpstream } from './fixtures/real-upstream.ts';
 import { buildStandInNode, standInNodeEnv, type StandInNode } from './fixtures/standin-node.ts';
+import { provenKubernetes } from './fixtures/upstream-build.ts';
 import { apiMarks, nodeReportCommand, parseNodeReport, renderTimeline, type NodeReport } from './fixtures/timeline.ts';
 import { fixtureMirrors, freePortBlock, loud, makeWorkspace, runCli, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
 
 const versions = process.argv.slice(2).filter((a) => a.startsWith('v')).length > 0
   ? process.argv.slice(2).filter((a) => a.startsWith('v'))
-  : (process.env.COREKUBE_E2E_VERSIONS ?? 'v1.37.2 v1.35.4').split(/\s+/).filter(Boolean);
+  : (process.env.COREKUBE_E2E_VERSIONS ?? provenKubernetes.join(' ')).split(/\s+/).filter(Boolean);
 /** Under TCG on 2 shared cores a real control plane takes many minutes (see the README's tiers). */
 const verifyTimeout = process.env.VERIFY_TIMEOUT ?? '5400';
 const nodes = [

@@ -18,9 +18,12 @@ import { ignitionStage } from '../tasks/ignition.ts';
 import { runStages } from '../tasks/lib/run/engine.ts';
 import { pkiStage } from '../tasks/pki.ts';
 import { containerdLoadsConfig, kubeadmInitDryRun } from './fixtures/real-upstream.ts';
-import { cachedBuilds } from './fixtures/upstream-build.ts';
+import { readFileSync } from 'node:fs';
+import { parse } from 'yaml';
+import { testedComponents } from '../tasks/pin/components.ts';
+import { cachedBuilds, provenKubernetes, realComponents } from './fixtures/upstream-build.ts';
 import { buildUpstreamTree } from './fixtures/upstream.ts';
-import { kubeadmTags, loud, makeWorkspace, type Workspace } from './helpers.ts';
+import { kubeadmTags, loud, makeWorkspace, projectRoot, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-real-programs-'));
 const kubernetes = cachedBuilds('kubernetes');
@@ -51,6 +54,16 @@ async function generated(version: string, layout: keyof typeof layouts): Promise
   await runStages(ws.context(), [pkiStage, ignitionStage], { renderer: 'silent' });
   return ws;
 }
+
+test('the defaults follow the proof: testedComponents are the versions the real tier runs, and cluster.example.yaml a Kubernetes release it ran', () => {
+  const bare = (v: string) => v.replace(/^v/, '');
+  assert.equal(
+    { crictl: testedComponents.crictl, containerd: testedComponents.containerd, runc: testedComponents.runc, cniPlugins: testedComponents.cniPlugins },
+    { crictl: bare(realComponents.crictl), containerd: bare(realComponents.containerd), runc: bare(realComponents.runc), cniPlugins: bare(realComponents.cniPlugins) },
+  );
+  const example = parse(readFileSync(join(projectRoot, 'cluster.example.yaml'), 'utf8'));
+  assert.ok((provenKubernetes as readonly string[]).includes(example.kubernetes.version), `cluster.example.yaml names ${example.kubernetes.version}; the real tier runs ${provenKubernetes.join(', ')}`);
+});
 
 if (kubernetes.length === 0) {
   test.skip(`the real kubeadm validates corekube's kubeadm configuration: ${skipped}`, () => {});
