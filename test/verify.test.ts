@@ -12,15 +12,16 @@ import { adminGroup, pkiStage } from '../tasks/pki.ts';
 import { verifyStage } from '../tasks/verify.ts';
 import { startApiServer, type ApiServerFixture } from './fixtures/apiserver.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { loud, makeWorkspace, type Workspace } from './helpers.ts';
+import { freePortBlock, loud, makeWorkspace, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-verify-'));
-const apiPort = 31000 + (process.pid % 1000) * 3;
+let apiPort: number;
 let tree: UpstreamTree;
 let ws: Workspace;
 const servers: ApiServerFixture[] = [];
 
 test.before(loud(async () => {
+  apiPort = await freePortBlock(2);
   tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1 });
   ws = makeWorkspace(tree, 'http://127.0.0.1:9', {
     nodes: ['{name: cp1, role: control-plane, ip: 10.77.0.10}', '{name: w1, role: worker, ip: 10.77.0.21, memory: 2GiB}'],
