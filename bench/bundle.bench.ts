@@ -78,8 +78,9 @@ try {
 
   const tree: UpstreamTree = {
     root: work,
-    prefixes: { fcos: '/fcos', kubernetes: '/k8s', github: '/github' },
+    prefixes: { fcos: '/fcos', kubernetes: '/k8s', github: '/github', fedora: '/fedora' },
     artifacts,
+    keyFiles: { fedora: '/fedora/fedora.gpg', runc: '/github/opencontainers/runc/raw/v1.4.4/runc.keyring' },
     fcosRelease: '43.20260802.3.1',
     kubernetesVersion: 'v1.35.7',
   };

@@ -22,10 +22,11 @@ import { apiClient, noAnswer, patient } from '../tasks/verify.ts';
 import { bootTimeFile, sshArgs } from '../tasks/lib/node/qemu.ts';
 import { consoleLog } from './fixtures/appliance.ts';
 import { hostChecks, startRealUpstream } from './fixtures/real-upstream.ts';
+import { trustConfig } from './fixtures/signing.ts';
 import { buildStandInNode, standInNodeEnv, type StandInNode } from './fixtures/standin-node.ts';
 import { provenKubernetes } from './fixtures/upstream-build.ts';
 import { apiMarks, nodeReportCommand, parseNodeReport, renderTimeline, type NodeReport } from './fixtures/timeline.ts';
-import { fixtureMirrors, freePortBlock, loud, makeWorkspace, runCli, workspaceArgs, type Upstream, type Workspace } from './helpers.ts';
+import { fixtureMirrors, freePortBlock, loud, makeWorkspace, runCli, workspaceArgs, type Workspace } from './helpers.ts';
 
 const versions = process.argv.slice(2).filter((a) => a.startsWith('v')).length > 0
   ? process.argv.slice(2).filter((a) => a.startsWith('v'))
@@ -87,7 +88,7 @@ const cli = async (ws: Workspace, args: string[], env: Record<string, string> = 
 for (const version of versions) {
   test(`Kubernetes ${version}: pin, cluster (1 control plane, 1 worker) until verify is green, down — all real upstream programs`, async () => {
     const dir = join(work, version);
-    let up: (Upstream & { real: Awaited<ReturnType<typeof startRealUpstream>>['real'] }) | undefined;
+    let up: Awaited<ReturnType<typeof startRealUpstream>> | undefined;
     let ws: Workspace | undefined;
     try {
       const started = performance.now();
@@ -98,7 +99,8 @@ for (const version of versions) {
       ws = makeWorkspace(up.tree, up.server.url, {
         nodes,
         registries: fixtureMirrors(up.registry.host),
-        extraConfig: [`hostPorts: {apiServer: ${base}, sshBase: ${base + 1}}`],
+        // The fixture upstream signs what it serves with the test's signers: pin trusts them.
+        extraConfig: [`hostPorts: {apiServer: ${base}, sshBase: ${base + 1}}`, ...trustConfig(up.signer, dir, up.server.url)],
       });
       writeFileSync(join(ws.dir, 'id.pub'), readFileSync(`${sshKey}.pub`));
       // From an empty workspace: no lock until pin writes one.

@@ -232,6 +232,21 @@ test('mirrors: download bases and registries', () => {
   problemAt(`${valid}mirrors:\n  registries:\n    registry.k8s.io: {location: "127.0.0.1:5000", insecure: yes please}\n`, 'mirrors.registries.registry.k8s.io.insecure');
 });
 
+test('mirrors.fedora reaches fedora.gpg; signatures: a site\'s own keys, fingerprints, or both', () => {
+  const mirrored = parseConfig(configFile, `${valid}mirrors:\n  fedora: http://127.0.0.1:8080/fedora\n`);
+  assert.is(mirrorUrl('https://fedoraproject.org/fedora.gpg', mirrored.mirrors.downloads), 'http://127.0.0.1:8080/fedora/fedora.gpg');
+  assert.is(mirrorUrl('https://builds.coreos.fedoraproject.org/streams/stable.json', mirrored.mirrors.downloads), 'https://builds.coreos.fedoraproject.org/streams/stable.json');
+  const config = parseConfig(
+    configFile,
+    `${valid}signatures:\n  fcos: {fingerprints: ["c6e7 f081 cf80 e131 4667  6e88 829b 6066 3164 5531"]}\n  runc: {keys: trust/runc.asc, fingerprints: [C9C370B246B09F6DBCFC744C34401015D1D2D386]}\n`,
+  );
+  assert.equal(config.signatures.openpgp.fcos, { fingerprints: ['C6E7F081CF80E13146676E88829B606631645531'] });
+  assert.equal(config.signatures.openpgp.runc, { keys: join(dir, 'trust', 'runc.asc'), fingerprints: ['C9C370B246B09F6DBCFC744C34401015D1D2D386'] });
+  assert.match(problemAt(`${valid}signatures:\n  butane: {}\n`, 'signatures.butane').expected, /keys .*fingerprints/);
+  assert.match(problemAt(`${valid}signatures:\n  fcos: {fingerprints: [ABCD]}\n`, 'signatures.fcos.fingerprints[0]').expected, /40 hex digits/);
+  problemAt(`${valid}signatures:\n  fcos: {fingerprints: []}\n`, 'signatures.fcos.fingerprints');
+});
+
 test('a Kubernetes version older than kubeadm v1beta4 (1.31) is refused, naming the field', () => {
   for (const old of ['v1.30.4', 'v1.29']) {
     try {

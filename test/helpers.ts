@@ -73,6 +73,7 @@ export function makeWorkspace(tree: UpstreamTree, serverUrl: string, options: Wo
       `  fcos: ${serverUrl}${tree.prefixes.fcos}`,
       `  kubernetes: ${serverUrl}${tree.prefixes.kubernetes}`,
       `  github: ${serverUrl}${tree.prefixes.github}`,
+      `  fedora: ${serverUrl}${tree.prefixes.fedora}`,
       ...(options.registries ? ['  registries:', ...Object.entries(options.registries).map(([host, location]) => `    ${host}: {location: "${location}", insecure: true}`)] : []),
       ...(options.extraConfig ?? []),
       '',
@@ -166,9 +167,13 @@ export function loud(hook: () => Promise<void> | void): () => Promise<void> {
 /** Tags for the kubeadm images that follow their own versions (a real lock has what pin found). */
 export const kubeadmTags: Record<string, string> = { 'registry.k8s.io/etcd': '3.6.8-0', 'registry.k8s.io/coredns/coredns': 'v1.12.1', 'registry.k8s.io/pause': '3.10.1' };
 
-/** What the fixture registry must hold for a lock that covers the project: the kubeadm set, every image in manifests/ and kube-vip (three control planes). */
-export function projectImages(version: string): { name: string; tag: string }[] {
-  const fromManifests = clusterImages(join(projectRoot, 'manifests'), { controlPlane: { endpoint: '', virtualIp: true } }).map(({ image }) => parseReference(image)!);
+/**
+ * What the fixture registry must hold for a lock that covers the project: the kubeadm set,
+ * every image in manifests/ and, unless `virtualIp` is false (what pin asks for one control
+ * plane), kube-vip.
+ */
+export function projectImages(version: string, options: { virtualIp?: boolean } = {}): { name: string; tag: string }[] {
+  const fromManifests = clusterImages(join(projectRoot, 'manifests'), { controlPlane: { endpoint: '', virtualIp: options.virtualIp ?? true } }).map(({ image }) => parseReference(image)!);
   const all = [
     ...kubeadmImages(version).map(({ name, tag }) => ({ name, tag: tag ?? kubeadmTags[name]! })),
     ...fromManifests.map((ref) => ({ name: ref.name, tag: ref.tag ?? 'latest' })),

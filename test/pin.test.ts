@@ -25,6 +25,7 @@ import { parseFcosStream } from '../tasks/lib/inputs/upstream.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
+import { signFixtureUpstream, trustConfig, type TestSigner } from './fixtures/signing.ts';
 import { fixtureMirrors, loud, makeWorkspace, projectImages, projectRoot, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-pin-'));
@@ -39,12 +40,15 @@ const seeded = [
 let tree: UpstreamTree;
 let server: FixtureServer;
 let registry: RegistryFixture;
+let signer: TestSigner;
 const workspaces: Workspace[] = [];
 
 test.before(loud(async () => {
   tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
   server = await startFixtureServer({ root: tree.root });
   registry = await startRegistry({ images: seeded, work });
+  // Upstream signs what it serves (test/signatures.test.ts checks the refusals); pin trusts the test's signers.
+  signer = await signFixtureUpstream(tree, registry, work);
 }));
 
 test.after(async () => {
@@ -56,7 +60,11 @@ test.after(async () => {
 
 /** A workspace with cluster.yaml pointing at the fixtures, and no lock. */
 function workspace(options: WorkspaceOptions = {}): Workspace {
-  const ws = makeWorkspace(tree, server.url, { registries: fixtureMirrors(registry.host), ...options });
+  const ws = makeWorkspace(tree, server.url, {
+    registries: fixtureMirrors(registry.host),
+    ...options,
+    extraConfig: [...(options.extraConfig ?? []), ...trustConfig(signer, mkdtempSync(join(work, 'trust-')), server.url)],
+  });
   rmSync(ws.lockFile);
   workspaces.push(ws);
   return ws;
@@ -213,7 +221,8 @@ test('pin from scratch writes a lock that parseLock accepts, and fetch and image
   assert.match(text, /kubeadm:\n {4}# sha256 from https:\/\/dl\.k8s\.io\/release\/v1\.35\.7\/bin\/linux\/amd64\/kubeadm\.sha256 \(checked against the download\)\n/);
   assert.not.match(text, /127\.0\.0\.1/, 'the lock names upstream, never the mirrors');
   // The image set: kubeadm's (from running the fetched kubeadm) and the manifests', by the registry's digests.
-  const wanted = projectImages(version);
+  // One control plane: no kube-vip.
+  const wanted = projectImages(version, { virtualIp: false });
   assert.equal(lock.images.map((i) => `${i.name}:${i.tag}`), wanted.map((i) => `${i.name}:${i.tag}`).sort());
   for (const ref of lock.images) {
     const seededRef = seededImage(ref.name);

@@ -273,6 +273,14 @@ class BundleReading {
   #checkArtifactsAgainstLock(): void {
     const wanted = new Map<string, string>();
     for (const artifact of lockedArtifacts(this.#lock!)) wanted.set(storedSha256(artifact), artifact.key);
+    // Each signature's evidence and the bytes it covers (bundle/write.ts adds them).
+    const lock = this.#lock!;
+    for (const [subject, record] of [...Object.entries(lock.signatures?.artifacts ?? {}), ...Object.entries(lock.signatures?.images ?? {})]) {
+      if (!record.evidence) continue;
+      if (!wanted.has(record.evidence)) wanted.set(record.evidence, `the signature of ${subject}`);
+      const signed = lock.artifacts[subject as 'butane']?.sha256;
+      if (signed && !wanted.has(signed)) wanted.set(signed, `${subject} as signed`);
+    }
     for (const [hex, key] of wanted) this.#artifactNames.set(hex, key);
     const present = new Set(this.#manifest!.entries.filter((e) => e.path.startsWith(artifactPrefix)).map((e) => e.sha256));
     const lacking = [...wanted].filter(([hex]) => !present.has(hex)).map(([hex, key]) => `  artifact ${key}: sha256 ${hex}`);

@@ -48,6 +48,23 @@ async function planBundle(ctx: RunContext): Promise<{ manifest: BundleManifest; 
     }
     artifacts.push({ entry: { path: `${artifactPrefix}${hex}`, size: info.size, sha256: hex }, file, what: `cache entry ${file} (artifact ${key})` });
   }
+  // The signatures' evidence, and the bytes each signature covers where the cache keeps
+  // them apart (FCOS: the .xz as published): fsck re-verifies them on the air-gapped side.
+  const records = [...Object.entries(lock.signatures?.artifacts ?? {}), ...Object.entries(lock.signatures?.images ?? {})];
+  for (const [subject, record] of records) {
+    const wanted = record.evidence ? [record.evidence, ...(lock.artifacts[subject as 'butane'] ? [lock.artifacts[subject as 'butane']!.sha256] : [])] : [];
+    for (const hex of wanted) {
+      if (seen.has(hex)) continue;
+      seen.add(hex);
+      const file = cache.entryPath(hex);
+      const info = await stat(file).catch(() => undefined);
+      if (!info) {
+        missing.push(`  the signature of ${subject}: cache entry ${hex} (make pin keeps it; pin again)`);
+        continue;
+      }
+      artifacts.push({ entry: { path: `${artifactPrefix}${hex}`, size: info.size, sha256: hex }, file, what: `cache entry ${file} (the signature of ${subject})` });
+    }
+  }
 
   const store = storeDir(ctx);
   const storeIndex = readIndex(store);

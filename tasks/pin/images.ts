@@ -107,13 +107,13 @@ export function layoutChoice(raw: string | Buffer, digest: string, arch: 'amd64'
 }
 
 /** Where skopeo reaches an image: its registry, or the mirror cluster.yaml names for that host. */
-function registryOf(config: ClusterConfig, name: string): { base: string; insecure: boolean } {
+export function registryOf(config: ClusterConfig, name: string): { base: string; insecure: boolean } {
   const { host, repository } = splitName(name);
   const mirror = config.mirrors.registries[host];
   return { base: `docker://${mirror?.location ?? host}/${repository}`, insecure: mirror?.insecure ?? false };
 }
 
-function skopeoFailure(image: string, reference: string, error: unknown, insecure: boolean, host: string): unknown {
+export function skopeoFailure(image: string, reference: string, error: unknown, insecure: boolean, host: string): unknown {
   if (!(error instanceof ToolError)) return error;
   return new UserError(
     `pin: image ${image}: skopeo could not read ${reference}:\n${indentTail(error.stderr, 6)}\n` +

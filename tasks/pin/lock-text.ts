@@ -2,8 +2,9 @@
 // form; diffLocks and summarize say what a new pin changed, one line per entry.
 import { parse as parseYamlScalar } from 'yaml';
 import { lockedArtifacts, lockVersion, type AnyArtifactKey, type Lock } from '../lib/inputs/lock.ts';
+import type { SignatureRecord } from '../lib/signatures/evidence.ts';
 
-export type LockContent = Pick<Lock, 'fcos' | 'kubernetes' | 'artifacts' | 'images'>;
+export type LockContent = Pick<Lock, 'fcos' | 'kubernetes' | 'artifacts' | 'images' | 'signatures'>;
 
 /** One comment per artifact: where its checksum came from. */
 export type ArtifactNotes = Partial<Record<AnyArtifactKey, string>>;
@@ -49,7 +50,27 @@ export function renderLock(content: LockContent, notes: ArtifactNotes = {}): str
       else lines.push(`  - image: ${scalar(text)}`, `    layoutDigest: ${scalar(image.layoutDigest)}`);
     }
   }
+  if (content.signatures) lines.push(...renderSignatures(content));
   return `${lines.join('\n')}\n`;
+}
+
+/** One line per artifact and image: how pin verified it and against whom, or why not. */
+function signatureText(record: SignatureRecord): string {
+  if (record.method === 'none') return `{method: none, why: ${JSON.stringify(record.why ?? '')}}`;
+  return `{method: ${record.method}, signer: ${JSON.stringify(record.signer ?? '')}, evidence: ${record.evidence}}`;
+}
+
+function renderSignatures(content: LockContent): string[] {
+  const signatures = content.signatures!;
+  const lines = ['signatures:  # what pin verified, against whom (evidence: the cache entry make fsck re-verifies offline), or why nothing', '  artifacts:'];
+  for (const artifact of lockedArtifacts(content)) {
+    const record = signatures.artifacts[artifact.key];
+    if (record) lines.push(`    ${artifact.key}: ${signatureText(record)}`);
+  }
+  const images = Object.keys(signatures.images).sort(compare);
+  if (images.length === 0) lines.push('  images: {}');
+  else lines.push('  images:', ...images.map((ref) => `    ${JSON.stringify(ref)}: ${signatureText(signatures.images[ref]!)}`));
+  return lines;
 }
 
 const short = (digest: string) => digest.replace(/^(sha256:)?([0-9a-f]{12})[0-9a-f]{52}$/, (_, prefix: string | undefined, head: string) => `${prefix ?? ''}${head}…`);
@@ -67,6 +88,9 @@ export function lockEntries(lock: LockContent, uniqueNames: ReadonlySet<string>)
     const key = uniqueNames.has(image.name) ? `image ${image.name}` : `image ${image.name}:${image.tag}`;
     entries.set(key, `${image.name}:${image.tag}@${image.digest}${image.layoutDigest !== image.digest ? ` layout ${image.layoutDigest}` : ''}`);
   }
+  const said = (r: SignatureRecord) => (r.method === 'none' ? 'none' : `${r.method} ${r.signer}`);
+  for (const [key, record] of Object.entries(lock.signatures?.artifacts ?? {})) entries.set(`signature ${key}`, said(record));
+  for (const [ref, record] of Object.entries(lock.signatures?.images ?? {})) entries.set(`signature ${ref}`, said(record));
   return entries;
 }
 

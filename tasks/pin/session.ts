@@ -4,7 +4,7 @@
 import { createWriteStream } from 'node:fs';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { UserError } from '../lib/errors.ts';
+import { isAbortError, UserError } from '../lib/errors.ts';
 import { mirrorUrl, upstreamBases, type ClusterConfig, type DownloadFamily } from '../lib/inputs/config.ts';
 import type { Artifact } from '../lib/inputs/lock.ts';
 import type { RunContext } from '../lib/run/stage.ts';
@@ -27,6 +27,32 @@ export interface Session {
   progress: (line: string) => void;
 }
 
+/** Runs jobs side by side; on the first failure cancels the rest, waits for them, and throws it. */
+export async function allOrNothing<T extends readonly unknown[]>(parent: AbortSignal, jobs: { [K in keyof T]: (signal: AbortSignal) => Promise<T[K]> }): Promise<T> {
+  const controller = new AbortController();
+  const onAbort = () => controller.abort(parent.reason);
+  parent.addEventListener('abort', onAbort, { once: true });
+  let first: { error: unknown } | undefined;
+  try {
+    const settled = await Promise.allSettled(
+      jobs.map((job) =>
+        job(controller.signal).catch((error: unknown) => {
+          if (!first && !(controller.signal.aborted && isAbortError(error))) {
+            first = { error };
+            controller.abort(error);
+          }
+          throw error;
+        }),
+      ),
+    );
+    if (parent.aborted) throw parent.reason;
+    if (first) throw first.error;
+    return settled.map((r) => (r as PromiseFulfilledResult<unknown>).value) as unknown as T;
+  } finally {
+    parent.removeEventListener('abort', onAbort);
+  }
+}
+
 export const firstLine = (text: string) => text.split('\n')[0] ?? text;
 
 /** Where a download family comes from: the mirror from cluster.yaml, said in messages when it is one. */
@@ -41,6 +67,12 @@ export function familyOf(url: string): DownloadFamily {
 
 /** A small document (metadata, checksum file, version marker) as text. */
 export async function fetchText(s: Session, upstreamUrl: string, what: string, hint: string): Promise<{ text: string; url: string }> {
+  const { bytes, url } = await fetchBytes(s, upstreamUrl, what, hint);
+  return { text: bytes.toString('utf8'), url };
+}
+
+/** A small document (a signature, a certificate) as bytes. */
+export async function fetchBytes(s: Session, upstreamUrl: string, what: string, hint: string): Promise<{ bytes: Buffer; url: string }> {
   const url = mirrorUrl(upstreamUrl, s.config.mirrors.downloads);
   const chunks: Buffer[] = [];
   let size = 0;
@@ -54,7 +86,7 @@ export async function fetchText(s: Session, upstreamUrl: string, what: string, h
     if (!(error instanceof DownloadError)) throw error;
     throw new UserError(`pin: ${what}: ${firstLine(error.message)}${mirrorNote(s.config, familyOf(upstreamUrl))}\n${hint}`);
   }
-  return { text: Buffer.concat(chunks).toString('utf8'), url };
+  return { bytes: Buffer.concat(chunks), url };
 }
 
 export async function fetchJson(s: Session, upstreamUrl: string, what: string, hint: string): Promise<{ json: unknown; url: string }> {

@@ -5,8 +5,10 @@
 // registry, then writes corekube.lock.yaml: deterministic, atomically, with a diff-style
 // summary of what changed. Every other task reads the lock and nothing else.
 //
-// Trust: pin takes upstream's checksum files as the truth, and checks them against the
-// bytes where it downloads anyway: kubeadm (it must run it to learn the image set) and
+// Trust: every artifact and image upstream signs is verified against upstream's signer
+// (signatures.ts; docs/signatures.md) before its digest enters the lock, so pin downloads
+// those artifacts (into the cache, where fetch finds them). Checksums come from upstream's
+// checksum files, checked against the bytes where pin downloads: kubeadm (it must run it to learn the image set) and
 // butane (no checksum file: its sha256 is computed here, and the lock says so). fetch
 // checks every other artifact against the lock later. Image digests are what the registry
 // serves for each tag; the layout digest is derived from the manifest where that is exact
@@ -24,7 +26,7 @@
 import { readFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { clusterImages } from '../images.ts';
-import { isAbortError, OfflineError, UserError } from '../lib/errors.ts';
+import { OfflineError, UserError } from '../lib/errors.ts';
 import { checkLockMatchesConfig, parseLock, type ImageRef, type Lock } from '../lib/inputs/lock.ts';
 import { writeAtomically } from '../lib/run/engine.ts';
 import type { RunContext, Stage } from '../lib/run/stage.ts';
@@ -33,7 +35,8 @@ import { resolveComponents, type ComponentVersions } from './components.ts';
 import { pinFcosOpenstack, pinFcosQemu, resolveFcos } from './fcos.ts';
 import { pinKubernetes } from './kubernetes.ts';
 import { renderLock, summarize, type ArtifactNotes, type LockContent } from './lock-text.ts';
-import { firstLine, type Pinned, type Session } from './session.ts';
+import { allOrNothing, firstLine, type Pinned, type Session } from './session.ts';
+import { verifySignatures } from './signatures.ts';
 
 export interface PinOptions {
   /** Overrides of testedComponents. */
@@ -54,32 +57,6 @@ export interface PinResult {
   summary: string;
   lock: Lock;
   text: string;
-}
-
-/** Runs jobs side by side; on the first failure cancels the rest, waits for them, and throws it. */
-async function allOrNothing<T extends readonly unknown[]>(parent: AbortSignal, jobs: { [K in keyof T]: (signal: AbortSignal) => Promise<T[K]> }): Promise<T> {
-  const controller = new AbortController();
-  const onAbort = () => controller.abort(parent.reason);
-  parent.addEventListener('abort', onAbort, { once: true });
-  let first: { error: unknown } | undefined;
-  try {
-    const settled = await Promise.allSettled(
-      jobs.map((job) =>
-        job(controller.signal).catch((error: unknown) => {
-          if (!first && !(controller.signal.aborted && isAbortError(error))) {
-            first = { error };
-            controller.abort(error);
-          }
-          throw error;
-        }),
-      ),
-    );
-    if (parent.aborted) throw parent.reason;
-    if (first) throw first.error;
-    return settled.map((r) => (r as PromiseFulfilledResult<unknown>).value) as unknown as T;
-  } finally {
-    parent.removeEventListener('abort', onAbort);
-  }
 }
 
 // ---- pin ------------------------------------------------------------------------------------
@@ -125,6 +102,11 @@ export async function pin(ctx: RunContext, options: PinOptions = {}): Promise<Pi
     artifacts: Object.fromEntries(pinned.flatMap((p) => p.artifacts).map((a) => [a.key, a])) as Lock['artifacts'],
     images: kubernetes.images,
   };
+  // Upstream's signatures, before any digest enters the lock: a refusal throws, and nothing is written.
+  content.signatures = await verifySignatures(session(ctx.signal), content, {
+    'fcos-qemu': fcos.disk.signature,
+    ...(fcos.openstack ? { 'fcos-openstack': fcos.openstack.disk.signature } : {}),
+  });
   return writeLock(ctx, content, Object.assign({}, ...pinned.map((p) => p.notes)) as ArtifactNotes, previous);
 }
 
@@ -181,6 +163,7 @@ export const pinStage: Stage = {
       'kubernetes.version': config.kubernetes.version,
       components: JSON.stringify(resolveComponents()),
       mirrors: JSON.stringify(config.mirrors),
+      signatures: JSON.stringify(config.signatures),
     };
   },
   // Upstream moves without any input changing: pin always asks (the lock changes only if upstream did).

@@ -5,6 +5,8 @@ import { homedir } from 'node:os';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { InputError, UserError, ExitCode } from '../errors.ts';
 import { fieldPath, parseYaml, Reader } from './fields.ts';
+import type { SignatureSettings } from '../signatures/trust.ts';
+import { parseSignatureSettings, signatureConfigKeys } from './signature-config.ts';
 import { cidrContains, cidrsOverlap, isHostAddress, parseCidr, parseIPv4, type Cidr } from './net.ts';
 
 export const fcosStreams = ['stable', 'testing', 'next'] as const;
@@ -24,6 +26,7 @@ export const upstreamBases = {
   fcos: 'https://builds.coreos.fedoraproject.org',
   kubernetes: 'https://dl.k8s.io',
   github: 'https://github.com',
+  fedora: 'https://fedoraproject.org',
 } as const;
 export type DownloadFamily = keyof typeof upstreamBases;
 
@@ -83,6 +86,8 @@ export interface ClusterConfig {
   sshPublicKeyFile: string;
   sshPublicKey: string;
   mirrors: { downloads: Record<DownloadFamily, string>; registries: Record<string, RegistryMirror> };
+  /** Whom pin trusts to have signed each source, where not upstream's signer (`signatures:`). */
+  signatures: SignatureSettings;
 }
 
 /** The Go/Kubernetes name of an architecture, as used in download URLs and image indexes. */
@@ -120,9 +125,11 @@ export const configKeys = {
     fcos: true,
     kubernetes: true,
     github: true,
+    fedora: true,
     registries: { HOST: { location: true, insecure: true } },
   },
   selinux: true,
+  signatures: signatureConfigKeys,
 } as const satisfies KeyTree & { mirrors: Record<DownloadFamily, true> & { registries: KeyTree } };
 
 interface KeyTree {
@@ -258,6 +265,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
   }
 
   const mirrors = parseMirrors(r, root.mirrors);
+  const signatures = parseSignatureSettings(r, root.signatures, dirname(resolve(file)));
 
   const configured = root.target === undefined ? 'qemu' : r.oneOf(root.target, 'target', targets);
   const target = options.target ?? configured;
@@ -292,6 +300,7 @@ export function parseConfig(file: string, text: string, options: { target?: Targ
     sshPublicKeyFile,
     sshPublicKey,
     mirrors,
+    signatures,
   };
 }
 

@@ -5,6 +5,7 @@ import { architectures, fcosStreams, type Architecture, type ClusterConfig } fro
 import { ExitCode, InputError, UserError } from '../errors.ts';
 import { fieldPath, parseYaml, Reader, sha256Pattern } from './fields.ts';
 import { kubeVipImage } from '../node/kube-vip.ts';
+import type { SignatureRecord } from '../signatures/evidence.ts';
 
 export const defaultLockFile = 'corekube.lock.yaml';
 export const lockVersion = 1;
@@ -58,6 +59,51 @@ export interface Lock {
   kubernetes: { version: string };
   artifacts: Record<ArtifactKey, Artifact> & Partial<Record<OptionalArtifactKey, Artifact>>;
   images: ImageRef[];
+  /**
+   * Per artifact and per image (by name:tag): what pin verified and against whom, or why
+   * nothing (upstream signs nothing). Absent in a lock written before signatures were
+   * checked: fsck then says to pin again.
+   */
+  signatures?: LockSignatures;
+}
+
+export interface LockSignatures {
+  artifacts: Partial<Record<AnyArtifactKey, SignatureRecord>>;
+  images: Record<string, SignatureRecord>;
+}
+
+export const signatureMethods = ['openpgp', 'sigstore', 'cosign', 'none'] as const;
+
+/** One signatures entry: {method, signer, evidence} or {method: none, why}. */
+function parseSignatureRecord(r: Reader, value: unknown, path: string): SignatureRecord | undefined {
+  const fields = r.object(value, path, ['method', 'signer', 'evidence', 'why']);
+  if (!fields) return undefined;
+  const method = r.oneOf(r.required(fields, 'method', path, 'how it was verified'), fieldPath(path, 'method'), signatureMethods);
+  if (method === undefined) return undefined;
+  if (method === 'none') {
+    const why = r.string(r.required(fields, 'why', path, 'what upstream publishes instead'), fieldPath(path, 'why'), 'a sentence');
+    return why === undefined ? undefined : { method, why };
+  }
+  const signer = r.string(r.required(fields, 'signer', path, 'the key fingerprint or identity'), fieldPath(path, 'signer'), 'the key fingerprint or identity');
+  const evidence = r.string(r.required(fields, 'evidence', path, 'the sha256 of the evidence in the cache'), fieldPath(path, 'evidence'), '64 lowercase hex digits', sha256Pattern);
+  return signer && evidence ? { method, signer, evidence } : undefined;
+}
+
+function parseSignatures(r: Reader, value: unknown): LockSignatures | undefined {
+  const section = r.object(value, 'signatures', ['artifacts', 'images']);
+  if (!section) return undefined;
+  const result: LockSignatures = { artifacts: {}, images: {} };
+  const artifacts = section.artifacts === undefined ? {} : r.object(section.artifacts, 'signatures.artifacts', [...artifactKeys, ...optionalArtifactKeys]);
+  for (const [key, entry] of Object.entries(artifacts ?? {})) {
+    const record = parseSignatureRecord(r, entry, fieldPath('signatures.artifacts', key));
+    if (record) result.artifacts[key as AnyArtifactKey] = record;
+  }
+  const images = section.images === undefined ? {} : r.map(section.images, 'signatures.images');
+  for (const [key, entry] of Object.entries(images ?? {})) {
+    const record = parseSignatureRecord(r, entry, fieldPath('signatures.images', key));
+    if (record) result.images[key] = record;
+  }
+  return result;
 }
 
 /** Every artifact the lock holds, required ones first, in the order fetch reports them. */
@@ -137,7 +183,7 @@ function parseImageEntry(r: Reader, item: unknown, path: string): ImageRef | und
 
 export function parseLock(file: string, text: string): Lock {
   const r = new Reader(file);
-  const root = r.object(parseYaml(file, text) ?? {}, '', ['lockVersion', 'fcos', 'kubernetes', 'artifacts', 'images']);
+  const root = r.object(parseYaml(file, text) ?? {}, '', ['lockVersion', 'fcos', 'kubernetes', 'artifacts', 'images', 'signatures']);
   if (!root) throw new InputError(file, r.problems);
   const version = r.required(root, 'lockVersion', '', `lockVersion ${lockVersion}`);
   if (version !== undefined && version !== lockVersion) {
@@ -198,8 +244,11 @@ export function parseLock(file: string, text: string): Lock {
     images.push(ref);
   });
 
+  const signatures = root.signatures === undefined ? undefined : parseSignatures(r, root.signatures);
+
   r.check();
   return {
+    ...(signatures ? { signatures } : {}),
     file,
     fcos: { stream: stream!, release: release!, arch: arch! },
     kubernetes: { version: kubeVersion! },

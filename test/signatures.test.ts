@@ -1,0 +1,269 @@
+// Upstream's signatures at pin: the fixture upstream signs what it serves with keys and a
+// Sigstore-like instance made here (test/fixtures/signing.ts), pin is handed that trust
+// through cluster.yaml's signatures:, and every refusal is one line with nothing written.
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { mirrorUrl, upstreamBases } from '../tasks/lib/inputs/config.ts';
+import { readTrustedKeys } from '../tasks/lib/signatures/openpgp.ts';
+import { parseEvidence, reverify } from '../tasks/lib/signatures/evidence.ts';
+import { fedoraFingerprints, fedoraKeysUrl, kubernetesBinaryIdentity, kubernetesImageIdentity, kubernetesIssuer, runcFingerprints, upstreamKeyUrl, upstreamTrust } from '../tasks/lib/signatures/trust.ts';
+import { pin } from '../tasks/pin/stage.ts';
+import { formatFsck, fsck } from '../tasks/fsck.ts';
+import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
+import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
+import { k8sIdentity, pushCosignSignature, serveKeys, signArtifact, signFixtureUpstream, trustConfig, type TestSigner } from './fixtures/signing.ts';
+import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
+import { fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace } from './helpers.ts';
+
+const work = mkdtempSync(join(tmpdir(), 'corekube-sig-'));
+const version = 'v1.35.7';
+let tree: UpstreamTree;
+let server: FixtureServer;
+let registry: RegistryFixture;
+let signer: TestSigner;
+const workspaces: Workspace[] = [];
+
+test.before(loud(async () => {
+  tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
+  server = await startFixtureServer({ root: tree.root });
+  registry = await startRegistry({ images: projectImages(version), work });
+  signer = await signFixtureUpstream(tree, registry, work);
+}));
+
+test.after(async () => {
+  await server?.close();
+  await registry?.close();
+  for (const ws of workspaces) rmSync(ws.dir, { recursive: true, force: true });
+  rmSync(work, { recursive: true, force: true });
+});
+
+function workspace(): Workspace {
+  const trustDir = mkdtempSync(join(work, 'trust-'));
+  const ws = makeWorkspace(tree, server.url, { registries: fixtureMirrors(registry.host), extraConfig: trustConfig(signer, trustDir, server.url) });
+  rmSync(ws.lockFile);
+  workspaces.push(ws);
+  return ws;
+}
+
+const quick = { http: { retries: 1, stallTimeoutMs: 1500, backoffMs: 20 } };
+
+async function refusal(ws: Workspace): Promise<string> {
+  try {
+    await pin(ws.context(quick));
+  } catch (error) {
+    assert.not.ok(existsSync(ws.lockFile), 'nothing is written to the lock');
+    return (error as Error).message;
+  }
+  throw new Error('pin succeeded where it should have refused');
+}
+
+/** Replaces a served file for one test, restoring it afterwards. */
+async function withFile(path: string, content: Buffer | string | undefined, run: () => Promise<void>): Promise<void> {
+  const before = existsSync(path) ? readFileSync(path) : undefined;
+  try {
+    if (content === undefined) rmSync(path, { force: true });
+    else writeFileSync(path, content);
+    await run();
+  } finally {
+    if (before === undefined) rmSync(path, { force: true });
+    else writeFileSync(path, before);
+  }
+}
+
+const served = (key: string) => join(tree.root, tree.artifacts[key]!.servedPath);
+
+test('the defaults are upstream\'s: Fedora\'s and runc\'s key fingerprints and where their keys are published, Kubernetes\' identities and issuer, the Sigstore public-good root of the installed @sigstore/tuf', async () => {
+  assert.ok(fedoraFingerprints.some((k) => k.fingerprint === 'C6E7F081CF80E13146676E88829B606631645531' && k.name.startsWith('Fedora (43)')));
+  assert.ok(fedoraFingerprints.some((k) => k.fingerprint === '36F612DCF27F7D1A48A835E4DBFCF71C6D9F90A6' && k.name.startsWith('Fedora (44)')));
+  assert.ok(runcFingerprints.some((k) => k.fingerprint === 'C9C370B246B09F6DBCFC744C34401015D1D2D386' && k.name.includes('cyphar')));
+  for (const k of [...fedoraFingerprints, ...runcFingerprints]) assert.match(k.fingerprint, /^[0-9A-F]{40}$/);
+  // The keys themselves come from where upstream publishes them, through the mirrors.
+  assert.is(fedoraKeysUrl, 'https://fedoraproject.org/fedora.gpg');
+  assert.ok(fedoraKeysUrl.startsWith(`${upstreamBases.fedora}/`), 'fedora.gpg is reached through mirrors.fedora');
+  assert.is(upstreamKeyUrl('fcos', tree.artifacts['fcos-qemu']!.upstreamUrl), fedoraKeysUrl);
+  assert.is(upstreamKeyUrl('butane', tree.artifacts.butane!.upstreamUrl), fedoraKeysUrl);
+  const runcKeys = upstreamKeyUrl('runc', tree.artifacts.runc!.upstreamUrl);
+  assert.is(runcKeys, 'https://github.com/opencontainers/runc/raw/v1.4.4/runc.keyring');
+  const ws = workspace();
+  const downloads = ws.context().config.mirrors.downloads;
+  assert.is(mirrorUrl(fedoraKeysUrl, downloads), `${server.url}${tree.keyFiles.fedora}`, 'the fixture serves the test key where Fedora publishes its keys');
+  assert.is(mirrorUrl(runcKeys, downloads), `${server.url}${tree.keyFiles.runc}`);
+  assert.is(kubernetesBinaryIdentity, 'krel-staging@k8s-releng-prod.iam.gserviceaccount.com');
+  assert.is(kubernetesImageIdentity, 'krel-trust@k8s-releng-prod.iam.gserviceaccount.com');
+  assert.is(kubernetesIssuer, 'https://accounts.google.com');
+  const trust = upstreamTrust();
+  const seeds = JSON.parse(readFileSync(createRequire(import.meta.url).resolve('@sigstore/tuf/seeds.json'), 'utf8')) as Record<string, { targets: Record<string, string> }>;
+  assert.equal(trust.kubernetes.trustedRoot, JSON.parse(Buffer.from(seeds['https://tuf-repo-cdn.sigstore.dev']!.targets['trusted_root.json']!, 'base64').toString('utf8')), 'the root is @sigstore/tuf\'s seed, read at run time');
+  const root = trust.kubernetes.trustedRoot as { tlogs: { baseUrl: string }[]; certificateAuthorities: { uri: string; subject: { organization: string } }[]; ctlogs: unknown[] };
+  assert.is(root.tlogs[0]!.baseUrl, 'https://rekor.sigstore.dev');
+  assert.ok(root.certificateAuthorities.every((ca) => ca.uri === 'https://fulcio.sigstore.dev' && ca.subject.organization === 'sigstore.dev'));
+  assert.ok(root.ctlogs.length > 0, 'the public-good root has CT logs: SCTs are required');
+  assert.is(trust.images.identity, kubernetesImageIdentity);
+  assert.is(trust.fcos.allowed, fedoraFingerprints);
+  assert.is(trust.butane.allowed, fedoraFingerprints);
+  assert.is(trust.runc.allowed, runcFingerprints);
+  assert.is(trust.fcos.file, undefined, 'upstream\'s keys are downloaded at pin, not read from this repository');
+  // Fedora's fingerprints refuse any other key (the test's own, here), in one line.
+  try {
+    await readTrustedKeys(signer.pgpPublic, fedoraFingerprints, 'fedora.gpg', 'the fingerprints kept in tasks/lib/signatures/trust.ts');
+    assert.unreachable('a key that is not Fedora\'s was accepted');
+  } catch (error) {
+    assert.match((error as Error).message, /^fedora\.gpg: key file refused: expected a key among the fingerprints kept in tasks\/lib\/signatures\/trust\.ts \(B0F4950458F69E1150C6C5EDC8AC4916105EF944, .*\); found none of them: [0-9A-F]{40} \(corekube test release key <release@corekube\.test>\)$/);
+  }
+});
+
+test('pin verifies every signed artifact and image, the lock says against whom, and the evidence re-verifies offline', async () => {
+  const ws = workspace();
+  const result = await pin(ws.context(quick));
+  const sigs = result.lock.signatures!;
+  for (const key of ['fcos-qemu', 'butane', 'runc']) {
+    assert.is(sigs.artifacts[key as 'runc']!.method, 'openpgp', key);
+    assert.match(sigs.artifacts[key as 'runc']!.signer!, signer.pgpFingerprint);
+  }
+  for (const key of ['kubeadm', 'kubelet', 'kubectl'] as const) assert.is(sigs.artifacts[key]!.signer, `${k8sIdentity.binaries} (${k8sIdentity.issuer})`);
+  for (const key of ['crictl', 'cni-plugins', 'containerd'] as const) assert.is(sigs.artifacts[key]!.method, 'none', key);
+  for (const image of result.lock.images) {
+    const record = sigs.images[`${image.name}:${image.tag}`]!;
+    if (!image.name.startsWith('registry.k8s.io/')) {
+      assert.is(record.method, 'none', `${image.name}: only Kubernetes signs its images`);
+      continue;
+    }
+    assert.is(record.method, 'cosign', image.name);
+    assert.is(record.signer, `${k8sIdentity.images} (${k8sIdentity.issuer})`);
+  }
+  assert.match(result.text, /signatures: {2}# what pin verified/);
+  // The key files pin downloaded from where upstream publishes them are in the cache, named by the evidence.
+  const keyFileOf = (key: 'fcos-qemu' | 'runc' | 'butane') => parseEvidence(key, readFileSync(join(ws.cacheDir, 'sha256', sigs.artifacts[key]!.evidence!), 'utf8')).openpgp!.keyFile;
+  const sha = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+  assert.equal(keyFileOf('fcos-qemu'), { url: 'https://fedoraproject.org/fedora.gpg', sha256: sha(join(tree.root, tree.keyFiles.fedora)) });
+  assert.equal(keyFileOf('runc'), { url: 'https://github.com/opencontainers/runc/raw/v1.4.4/runc.keyring', sha256: sha(join(tree.root, tree.keyFiles.runc)) });
+  assert.ok(existsSync(join(ws.cacheDir, 'sha256', keyFileOf('fcos-qemu')!.sha256)), 'fedora.gpg as pin downloaded it');
+  assert.is(keyFileOf('butane'), undefined, 'butane is checked against the site\'s own key file: nothing downloaded');
+  assert.is(server.requests.filter((r) => r.path === tree.keyFiles.fedora).length, 1, 'fedora.gpg is downloaded once for the FCOS images and butane');
+  assert.match(result.text, /kubeadm: \{method: sigstore, signer: "krel-staging@/);
+  // Offline: the evidence and the cache alone (the server is not asked).
+  const asked = server.requests.length;
+  for (const record of [...Object.values(sigs.artifacts), ...Object.values(sigs.images)]) {
+    if (record.method === 'none') continue;
+    const evidence = parseEvidence(record.evidence!, readFileSync(join(ws.cacheDir, 'sha256', record.evidence!), 'utf8'));
+    const bytes = join(ws.cacheDir, 'sha256', evidence.sha256);
+    assert.is(await reverify(evidence, existsSync(bytes) ? bytes : undefined), record.signer);
+  }
+  assert.is(server.requests.length, asked);
+  // make fsck does the same from the lock: every signature re-verified, nothing differs.
+  const report = await fsck(ws.settings(), { fix: false });
+  assert.is(report.signatures, Object.values(sigs.artifacts).concat(Object.values(sigs.images)).filter((r) => r.method !== 'none').length);
+  assert.equal(report.bad, []);
+  assert.match(formatFsck(report, ws.settings()), /\d+ cache entries, \d+ signatures and \d+ outputs checked .*: all match/);
+  assert.is(server.requests.length, asked);
+});
+
+test('refused: a signature over other bytes (kubeadm), named in one line', async () => {
+  const file = served('kubeadm');
+  const sig = `${file}.sig`;
+  const saved = readFileSync(sig);
+  try {
+    await signArtifact(tree, signer, 'kubeadm', { otherBytes: Buffer.from('other bytes') });
+    // The log has the entry for the other bytes only: the served file's own entry stays from before.
+    const message = await refusal(workspace());
+    assert.match(message, /^pin: kubeadm: signature refused: expected the bytes signed by krel-staging@k8s-releng-prod\.iam\.gserviceaccount\.com; found other bytes/);
+  } finally {
+    writeFileSync(sig, saved);
+    await signArtifact(tree, signer, 'kubeadm');
+  }
+});
+
+test('refused: another identity (kubelet), a certificate from a CA the root does not name (kubectl)', async () => {
+  try {
+    await signArtifact(tree, signer, 'kubelet', { identity: 'mallory@example.com' });
+    assert.match(await refusal(workspace()), /^pin: kubelet: signature refused: expected a certificate for krel-staging@k8s-releng-prod\.iam\.gserviceaccount\.com from https:\/\/accounts\.google\.com; found one for mallory@example\.com from https:\/\/accounts\.google\.com/);
+  } finally {
+    await signArtifact(tree, signer, 'kubelet');
+  }
+  try {
+    await signArtifact(tree, signer, 'kubectl', { rogue: true });
+    assert.match(await refusal(workspace()), /^pin: kubectl: signature refused: expected a certificate that chains to the root of .*test-trusted-root\.json.*; found one that does not/);
+  } finally {
+    await signArtifact(tree, signer, 'kubectl');
+  }
+});
+
+test('refused: a tampered transparency-log entry (kubeadm)', async () => {
+  const hex = tree.artifacts.kubeadm!.sha256;
+  const file = join(tree.root, 'rekor', 'by-hash', `${hex}.json`);
+  const entries = JSON.parse(readFileSync(file, 'utf8')) as Record<string, { integratedTime: number; logIndex: number }>;
+  for (const entry of Object.values(entries)) entry.logIndex += 1;
+  await withFile(file, JSON.stringify(entries), async () => {
+    assert.match(await refusal(workspace()), /^pin: kubeadm: signature refused: expected a transparency-log entry signed by the log of .*; found an entry that does not verify \(inclusion promise could not be verified\)/);
+  });
+});
+
+test('refused: a missing signature where upstream signs (runc), a key nobody trusts (butane)', async () => {
+  await withFile(`${served('runc')}.asc`, undefined, async () => {
+    assert.match(await refusal(workspace()), /^pin: runc: signature refused: expected upstream's signature at https:\/\/github\.com\/opencontainers\/runc\/releases\/download\/v1\.4\.4\/runc\.amd64\.asc; found none \(.*404/);
+  });
+  try {
+    await signArtifact(tree, signer, 'butane', { pgpKey: signer.strangerPrivate });
+    assert.match(await refusal(workspace()), /^pin: butane: signature refused: expected a signature by .*test-keys\.asc.*; found a signature by key [0-9A-F]{16}, which is not trusted/);
+  } finally {
+    await signArtifact(tree, signer, 'butane');
+  }
+});
+
+test('a key file: keys besides the expected are never trusted (fedora.gpg); refused when it holds none of them (runc.keyring) or none at all; nothing of it in the cache', async () => {
+  const stranger = signer.strangerPrivate.toPublic();
+  const strangerLine = `${stranger.getFingerprint().toUpperCase()} \\(somebody else <else@corekube\\.test>\\)`;
+  const keyFile = (name: 'fedora' | 'runc') => join(tree.root, tree.keyFiles[name]);
+  const nothingCached = (ws: Workspace, bytes: string) => {
+    const hex = createHash('sha256').update(bytes).digest('hex');
+    assert.not.ok(existsSync(join(ws.cacheDir, 'sha256', hex)), 'the refused key file is not in the cache');
+    assert.equal(existsSync(join(ws.cacheDir, 'tmp')) ? readdirSync(join(ws.cacheDir, 'tmp')) : [], [], 'nothing half-written in cache/tmp');
+  };
+  // The stranger's key is in fedora.gpg too, and still trusts nothing: butane signed by it is refused.
+  await withFile(keyFile('fedora'), `${signer.pgpPublic}\n${stranger.armor()}`, async () => {
+    await signArtifact(tree, signer, 'butane', { pgpKey: signer.strangerPrivate });
+    try {
+      assert.match(await refusal(workspace()), /^pin: butane: signature refused: expected a signature by .*; found a signature by key [0-9A-F]{16}, which is not trusted/);
+    } finally {
+      await signArtifact(tree, signer, 'butane');
+    }
+  });
+  await withFile(keyFile('runc'), stranger.armor(), async () => {
+    const ws = workspace();
+    assert.match(await refusal(ws), new RegExp(`^pin: the keys that sign runc \\(https://github\\.com/opencontainers/runc/raw/v1\\.4\\.4/runc\\.keyring \\(mirrors\\.github in .*\\)\\): key file refused: expected a key among .*; found none of them: ${strangerLine}\n`));
+    nothingCached(ws, stranger.armor());
+  });
+  await withFile(keyFile('runc'), 'not a key\n', async () => {
+    assert.match(await refusal(workspace()), /^pin: the keys that sign runc \(.*\): key file refused: expected armored OpenPGP public keys; found no public key block\n/);
+  });
+  await withFile(keyFile('runc'), undefined, async () => {
+    assert.match(await refusal(workspace()), /^pin: the keys that sign runc \(.*\): key file refused: expected upstream's key file at https:\/\/github\.com\/opencontainers\/runc\/raw\/v1\.4\.4\/runc\.keyring; found none \(.*HTTP 404/);
+  });
+  serveKeys(tree, signer.pgpPublic);
+});
+
+test('refused: FCOS bytes other than Fedora\'s key signed', async () => {
+  try {
+    await signArtifact(tree, signer, 'fcos-qemu', { otherBytes: Buffer.from('another image') });
+    assert.match(await refusal(workspace()), /^pin: fcos-qemu: signature refused: expected the bytes [0-9A-F]{40} \(corekube test release key <release@corekube\.test>\) signed; found other bytes/);
+  } finally {
+    await signArtifact(tree, signer, 'fcos-qemu');
+  }
+});
+
+test('refused: an image signed by another identity', async () => {
+  const pause = registry.images.find((i) => i.name === 'registry.k8s.io/pause')!;
+  pushCosignSignature(signer, registry.host, pause.repository, pause.name, pause.digest, { identity: 'mallory@example.com', issuer: k8sIdentity.issuer }, work);
+  try {
+    assert.match(await refusal(workspace()), /^pin: image registry\.k8s\.io\/pause:[^:]+: signature refused: expected a certificate for krel-trust@k8s-releng-prod\.iam\.gserviceaccount\.com from https:\/\/accounts\.google\.com; found one for mallory@example\.com/);
+  } finally {
+    pushCosignSignature(signer, registry.host, pause.repository, pause.name, pause.digest, { identity: k8sIdentity.images, issuer: k8sIdentity.issuer }, work);
+  }
+});
+
+test.run();
