@@ -15,7 +15,7 @@ import { InputError } from '../tasks/lib/errors.ts';
 import { runStages } from '../tasks/lib/run/engine.ts';
 import { ignitionStage } from '../tasks/ignition.ts';
 import { parseLock, type Lock } from '../tasks/lib/inputs/lock.ts';
-import { kubeadmDocuments, nodePaths, renderKubeadmPatches, renderNetwork, renderResolvConf, renderSelinuxConfig } from '../tasks/lib/node/node-config.ts';
+import { applyKubeadmOverrides, kubeadmDocuments, nodePaths, renderKubeadmPatches, renderNetwork, renderResolvConf, renderSelinuxConfig } from '../tasks/lib/node/node-config.ts';
 import { pkiStage } from '../tasks/pki.ts';
 import { applyIgnition } from './fixtures/ignition.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
@@ -62,7 +62,7 @@ const byKind = (docs: Record<string, unknown>[]) => Object.fromEntries(docs.map(
 test('kubeadm v1.35: the controller-manager gets a writable FlexVolume directory (kubeadm mounts it DirectoryOrCreate; /usr is read-only)', () => {
   const c = config('v1.35.7');
   const docs = byKind(kubeadmDocuments(c, lock('v1.35.7'), c.nodes[0]!, pki));
-  assert.equal(docs.ClusterConfiguration!.controllerManager.extraArgs, [{ name: 'flex-volume-plugin-dir', value: '/var/lib/kubelet/volumeplugins' }]);
+  assert.equal(docs.ClusterConfiguration!.controllerManager.extraArgs, [{ name: 'flex-volume-plugin-dir', value: '/var/lib/kubelet/volumeplugins' }, { name: 'leader-elect', value: 'false' }]);
   assert.is(docs.KubeletConfiguration!.volumePluginDir, '/var/lib/kubelet/volumeplugins', 'kubelet and controller-manager agree');
   assert.not.ok(docs.KubeletConfiguration!.volumePluginDir.startsWith('/usr/'));
 });
@@ -70,8 +70,24 @@ test('kubeadm v1.35: the controller-manager gets a writable FlexVolume directory
 test('kubeadm v1.36: no FlexVolume flag (kubeadm no longer mounts the directory); the kubelet still gets a writable one', () => {
   const c = config('v1.36.3');
   const docs = byKind(kubeadmDocuments(c, lock('v1.36.3'), c.nodes[0]!, pki));
-  assert.is(docs.ClusterConfiguration!.controllerManager, undefined);
+  assert.equal(docs.ClusterConfiguration!.controllerManager.extraArgs.map((a: { name: string }) => a.name), ['leader-elect']);
   assert.is(docs.KubeletConfiguration!.volumePluginDir, '/var/lib/kubelet/volumeplugins');
+});
+
+test('one control plane: the controller-manager and the scheduler run without leader election (no second candidate; a slow API server no longer makes them exit); three keep it', () => {
+  const c = config('v1.37.2');
+  const single = byKind(kubeadmDocuments(c, lock('v1.37.2'), c.nodes[0]!, pki)).ClusterConfiguration!;
+  assert.equal(single.controllerManager.extraArgs, [{ name: 'leader-elect', value: 'false' }]);
+  assert.equal(single.scheduler.extraArgs, [{ name: 'leader-elect', value: 'false' }]);
+  const three = parseConfig(
+    join(work, 'cluster.yaml'),
+    'name: demo\nkubernetes: {version: v1.37.2}\ncontrolPlane: {endpoint: 10.77.0.5}\nnodes:\n' +
+      ['cp1', 'cp2', 'cp3'].map((n, i) => `  - {name: ${n}, role: control-plane, ip: 10.77.0.1${i}}\n`).join('') +
+      '  - {name: w1, role: worker, ip: 10.77.0.21, memory: 2GiB}\nsshPublicKeyFile: id.pub\n',
+  );
+  const first = byKind(kubeadmDocuments(three, lock('v1.37.2'), three.nodes[0]!, pki)).ClusterConfiguration!;
+  assert.equal(first.controllerManager.extraArgs, []);
+  assert.equal(first.scheduler.extraArgs, []);
 });
 
 test('the static pods run as spc_t: kubeadm reads patches named TARGET+strategic.yaml from the Init and Join patches directory', () => {
@@ -183,6 +199,23 @@ test('the kubeadm units outlast kubeadm\'s own timeouts, and systemd retries a f
   assert.ok(burst >= 2, `StartLimitBurst=${cp.StartLimitBurst}`);
   const tries = burst * (systemdMinutes(cp.TimeoutStartSec!) + systemdMinutes(cp.RestartSec!));
   assert.ok(systemdMinutes(cp.StartLimitIntervalSec!) >= tries, `StartLimitIntervalSec=${cp.StartLimitIntervalSec} holds ${burst} whole tries (${tries} min)`);
+});
+
+test('an override of a component\'s extraArgs adds to corekube\'s flags argument by argument (v1.35 keeps flex-volume-plugin-dir)', () => {
+  const c = config('v1.35.7');
+  const docs = kubeadmDocuments(c, lock('v1.35.7'), c.nodes[0]!, pki);
+  const override = 'apiVersion: kubeadm.k8s.io/v1beta4\nkind: ClusterConfiguration\ncontrollerManager:\n  extraArgs:\n    - {name: leader-elect-lease-duration, value: 120s}\n';
+  const merged = byKind(applyKubeadmOverrides(docs, 'fcc/kubeadm.yaml', override, c, lock('v1.35.7'))).ClusterConfiguration!;
+  assert.equal(merged.controllerManager.extraArgs, [
+    { name: 'flex-volume-plugin-dir', value: nodePaths.volumePluginDir },
+    { name: 'leader-elect', value: 'false' },
+    { name: 'leader-elect-lease-duration', value: '120s' },
+  ]);
+  // The same name: the override's value, once.
+  const again = byKind(applyKubeadmOverrides(docs, 'fcc/kubeadm.yaml', 'apiVersion: kubeadm.k8s.io/v1beta4\nkind: ClusterConfiguration\ncontrollerManager:\n  extraArgs: [{name: flex-volume-plugin-dir, value: /var/lib/kubelet/other}]\n', c, lock('v1.35.7'))).ClusterConfiguration!;
+  assert.equal(again.controllerManager.extraArgs, [{ name: 'leader-elect', value: 'false' }, { name: 'flex-volume-plugin-dir', value: '/var/lib/kubelet/other' }]);
+  const apiServer = byKind(applyKubeadmOverrides(docs, 'fcc/kubeadm.yaml', 'apiVersion: kubeadm.k8s.io/v1beta4\nkind: ClusterConfiguration\napiServer:\n  extraArgs: [{name: audit-log-maxage, value: "7"}]\n', c, lock('v1.35.7'))).ClusterConfiguration!.apiServer;
+  assert.equal(apiServer.extraArgs.map((a: { name: string }) => a.name), ['admission-control-config-file', 'audit-log-maxage'], 'the Pod Security admission config stays');
 });
 
 test('time spans: Go durations and systemd spans read as minutes', () => {
@@ -335,7 +368,7 @@ test('v1.36, permissive, upstream DNS: the real Ignition writes what FCOS reads,
   const [init, cluster, kubelet] = parseAllDocuments(readFileSync(join(roots.cp1!, 'etc', 'corekube', 'kubeadm.yaml'), 'utf8')).map((d) => d.toJS());
   assert.is(init.patches.directory, '/etc/corekube/kubeadm-patches');
   assert.is(cluster.kubernetesVersion, 'v1.36.3');
-  assert.is(cluster.controllerManager, undefined);
+  assert.equal(cluster.controllerManager.extraArgs, [{ name: 'leader-elect', value: 'false' }]);
   assert.is(kubelet.resolvConf, '/etc/corekube/resolv.conf');
   assert.ok(existsSync(join(roots.cp1!, 'etc', 'kubernetes', 'pki', 'ca.crt')));
   assert.not.ok(listFiles(roots.w1!).some((f) => f.includes('kubernetes/pki')), 'no CA on the worker');

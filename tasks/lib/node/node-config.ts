@@ -351,12 +351,30 @@ export function kubeadmDocuments(config: ClusterConfig, lock: Lock, node: NodeCo
         extraArgs: [{ name: 'admission-control-config-file', value: `${nodePaths.admissionDir}/pod-security.yaml` }],
         extraVolumes: [{ name: 'admission', hostPath: nodePaths.admissionDir, mountPath: nodePaths.admissionDir, readOnly: true, pathType: 'Directory' }],
       },
-      // kubeadm mounts this directory (DirectoryOrCreate) into the controller-manager; its
-      // default under /usr cannot be created on FCOS, and the controller-manager never starts.
-      ...(flexVolumeMount ? { controllerManager: { extraArgs: [{ name: 'flex-volume-plugin-dir', value: nodePaths.volumePluginDir }] } } : {}),
+      controllerManager: {
+        extraArgs: [
+          // kubeadm mounts this directory (DirectoryOrCreate) into the controller-manager; its
+          // default under /usr cannot be created on FCOS, and the controller-manager never starts.
+          ...(flexVolumeMount ? [{ name: 'flex-volume-plugin-dir', value: nodePaths.volumePluginDir }] : []),
+          ...singleControlPlaneArgs(config),
+        ],
+      },
+      scheduler: { extraArgs: singleControlPlaneArgs(config) },
     },
     kubelet,
   ];
+}
+
+/**
+ * One control plane: the controller-manager and the scheduler run without leader election.
+ * With no second candidate there is nothing to elect, and a leader that cannot renew its
+ * lease within the renew deadline (10 s) exits: on a slow or busy node (the real kubeadm
+ * v1.37 cluster under TCG: "Failed to renew lease … context deadline exceeded", then
+ * CrashLoopBackOff, the worker's pods never created) that is a control plane that stops
+ * controlling. Three control planes keep kubeadm's default, leader election on.
+ */
+function singleControlPlaneArgs(config: ClusterConfig): { name: string; value: string }[] {
+  return config.controlPlane?.virtualIp ? [] : [{ name: 'leader-elect', value: 'false' }];
 }
 
 /**
@@ -428,14 +446,28 @@ function getPath(doc: Doc, path: string[]): unknown {
   return value;
 }
 
+type Arg = { name: string; value: string };
+const isArgList = (value: unknown): value is Arg[] => Array.isArray(value) && value.every((a) => a !== null && typeof a === 'object' && typeof (a as Arg).name === 'string');
+
+/**
+ * Merges an override into a kubeadm document: mappings key by key; kubeadm's v1beta4
+ * argument lists (extraArgs, kubeletExtraArgs: [{name, value}]) argument by argument, an
+ * override replacing the argument of the same name and adding the others, so an override's
+ * flag never drops one corekube sets (below v1.36, the controller-manager's
+ * flex-volume-plugin-dir); any other list is replaced whole.
+ */
 function deepMerge(base: Doc, patch: Doc): Doc {
   const out: Doc = { ...base };
   for (const [key, value] of Object.entries(patch)) {
     const current = out[key];
-    out[key] =
-      value !== null && typeof value === 'object' && !Array.isArray(value) && current !== null && typeof current === 'object' && !Array.isArray(current)
-        ? deepMerge(current as Doc, value as Doc)
-        : value;
+    if (isArgList(value) && isArgList(current)) {
+      out[key] = [...current.filter((a) => !value.some((b) => b.name === a.name)), ...value];
+    } else {
+      out[key] =
+        value !== null && typeof value === 'object' && !Array.isArray(value) && current !== null && typeof current === 'object' && !Array.isArray(current)
+          ? deepMerge(current as Doc, value as Doc)
+          : value;
+    }
   }
   return out;
 }
