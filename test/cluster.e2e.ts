@@ -122,6 +122,7 @@ for (const version of versions) {
       await hostChecks(ws.outDir, up.real);
 
       const cluster = await cli(ws, ['cluster']);
+      const green = Date.now() / 1000;
       if (cluster.code !== 0) {
         failed = true;
         assert.unreachable(`cluster failed (exit ${cluster.code}) after ${cluster.seconds.toFixed(0)} s:\n${cluster.stdout.slice(-4000)}\n${cluster.stderr.slice(-4000)}${explain(ws)}`);
@@ -131,7 +132,7 @@ for (const version of versions) {
       const lookupImage = up.registry.images.find((i) => i.name === 'ghcr.io/flannel-io/flannel-cni-plugin')!;
       const dns = await dnsFromPod(ws, `${lookupImage.name}:${lookupImage.tag}`);
       console.log(`    (${version}: make cluster green in ${cluster.seconds.toFixed(0)} s, make verify again in ${verify.seconds.toFixed(0)} s; DNS from a pod on w1: ${dns})`);
-      for (const line of await timeline(ws)) console.log(`    (${version} ${line})`);
+      for (const line of await timeline(ws, green)) console.log(`    (${version} ${line})`);
     } catch (error) {
       failed = true;
       if (ws && error instanceof Error && !error.message.includes('══ cp1')) error.message += explain(ws);
@@ -192,18 +193,23 @@ async function dnsFromPod(ws: Workspace, image: string): Promise<string> {
 }
 
 /** Where the time went from make boot to green, per node (test/fixtures/timeline.ts). */
-async function timeline(ws: Workspace): Promise<string[]> {
+async function timeline(ws: Workspace, green?: number): Promise<string[]> {
   const bootStarted = Date.parse(readFileSync(join(ws.outDir, bootTimeFile), 'utf8').trim()) / 1000;
   const reports: Record<string, NodeReport> = {};
   for (const node of ['cp1', 'w1']) reports[node] = parseNodeReport(ssh(ws, node, nodeReportCommand));
   const read = (name: string) => readFileSync(join(ws.outDir, pkiDir, name), 'utf8');
   const api = patient(await apiClient(apiServerUrl(ws.context().config), { ca: read('ca.crt'), cert: read('admin.crt'), key: read('admin.key') }));
+  // A busy API server may not answer at once: a few tries, then what there is.
   const list = async (path: string) => {
-    const reply = await api.get(path);
-    return reply.status === 200 ? JSON.parse(reply.body) : { items: [] };
+    for (let attempt = 1; ; attempt++) {
+      const reply = await api.get(path);
+      if (reply.status === 200) return JSON.parse(reply.body);
+      if (attempt === 6) return { items: [] };
+      await new Promise((r) => setTimeout(r, 5000));
+    }
   };
   const pods = [...(await list('/api/v1/namespaces/kube-system/pods')).items, ...(await list('/api/v1/namespaces/kube-flannel/pods')).items];
-  return renderTimeline(bootStarted, reports, apiMarks(await list('/api/v1/nodes'), { items: pods }));
+  return renderTimeline(bootStarted, reports, apiMarks(await list('/api/v1/nodes'), { items: pods }), green);
 }
 
 test.run();

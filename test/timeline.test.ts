@@ -43,8 +43,9 @@ test('the API view and one line per node, in seconds after make boot', () => {
     { items: [{ metadata: { name: 'kube-flannel-ds-abcde' }, spec: { nodeName: 'cp1' }, status: { conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: iso(1765100490) }] } }] },
   );
   assert.equal(marks.map((m) => m.what), ['registered', 'node Ready', 'flannel Ready']);
-  const [line] = renderTimeline(1765099990, { cp1: parseNodeReport(report) }, marks);
+  const [line, green] = renderTimeline(1765099990, { cp1: parseNodeReport(report) }, marks, 1765100600);
   assert.is(line, 'cp1: kernel 10, userspace (Ignition done) 51, containerd 71, images imported 130, init 140, certs 141, registered 190, control-plane-check 210, control plane up 410, flannel Ready 500, node Ready 510 (s after make boot)');
+  assert.is(green, 'cluster green (verify passed) 610 s after make boot');
 });
 
 test.run();
