@@ -30,6 +30,7 @@ test.before(loud(async () => {
 
 test.after(async () => {
   await up?.close();
+  if (ws) rmSync(ws.dir, { recursive: true, force: true });
   rmSync(work, { recursive: true, force: true });
 });
 
