@@ -51,8 +51,9 @@ async function apiServer(scenario: { readyAfter: number; neverReady?: string[]; 
   return server;
 }
 
-test('waits for the API server, then nodes, kube-system, the smoke pod on a worker and DNS; cleans up the smoke pod', async () => {
-  const server = await apiServer({ readyAfter: 3 });
+/** verify against a stand-in API server playing `scenario`, until green; what it printed. */
+async function verifyGreen(scenario: Parameters<typeof apiServer>[0]): Promise<{ server: ApiServerFixture; lines: string[] }> {
+  const server = await apiServer(scenario);
   process.env.VERIFY_TIMEOUT = '20';
   const lines: string[] = [];
   const log = console.log;
@@ -64,6 +65,11 @@ test('waits for the API server, then nodes, kube-system, the smoke pod on a work
     await server.close();
     servers.pop();
   }
+  return { server, lines };
+}
+
+test('waits for the API server, then nodes, kube-system, the smoke pod on a worker and DNS; cleans up the smoke pod', async () => {
+  const { server, lines } = await verifyGreen({ readyAfter: 3 });
   assert.match(lines.join('\n'), /cluster test verified/);
   assert.match(lines.join('\n'), /ok smoke pod: Running on w1/);
   assert.match(lines.join('\n'), /ok cluster DNS: coredns-7db6d8ff4d-x2x9q serving/);
@@ -76,18 +82,7 @@ test('waits for the API server, then nodes, kube-system, the smoke pod on a work
 });
 
 test('a request that gets no answer after /readyz (an API server restarting or too slow) is "not ready yet", never a crash', async () => {
-  const server = await apiServer({ readyAfter: 0, dropNodeRequests: 2 });
-  process.env.VERIFY_TIMEOUT = '20';
-  const lines: string[] = [];
-  const log = console.log;
-  console.log = (line: string) => lines.push(line);
-  try {
-    await runStages(ws.context(), [verifyStage], { renderer: 'silent' });
-  } finally {
-    console.log = log;
-    await server.close();
-    servers.pop();
-  }
+  const { server, lines } = await verifyGreen({ readyAfter: 0, dropNodeRequests: 2 });
   assert.match(lines.join('\n'), /cluster test verified/);
   assert.ok(server.requests.filter((r) => r.path === '/api/v1/nodes').length >= 3, 'it asked again after the dropped answers');
 });
