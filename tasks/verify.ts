@@ -169,6 +169,16 @@ export function smokePod(config: ClusterConfig, lock: Lock, name: string): unkno
   };
 }
 
+/**
+ * The items of a list the API server answered with 200; an empty list for anything else (an
+ * error Status, a 403 while RBAC is still being set up, no answer): a not-ready cluster,
+ * never a crash.
+ */
+function itemsOf<T extends { items: unknown[] }>(reply: { status: number; body: string }): T {
+  const list = reply.status === 200 ? parse<T>(reply.body) : undefined;
+  return (list && Array.isArray(list.items) ? list : { items: [] }) as T;
+}
+
 function parse<T>(body: string): T | undefined {
   try {
     return JSON.parse(body) as T;
@@ -186,9 +196,9 @@ export async function checkCluster(client: ApiClient, config: ClusterConfig, loc
   if (ready.status !== 200) return [{ name: 'API server', ok: false, detail: `/readyz answered ${ready.status}: ${ready.body.trim().split('\n').slice(-3).join('; ')}`, node: controlPlane }];
   const results: CheckResult[] = [{ name: 'API server', ok: true, detail: '/readyz ok' }];
   const nodes = await api.get('/api/v1/nodes');
-  results.push(nodes.status === 200 ? judgeNodes(config, parse<NodeList>(nodes.body) ?? { items: [] }) : { name: 'nodes', ok: false, detail: `GET /api/v1/nodes: ${failure(nodes)}` });
+  results.push(nodes.status === 200 ? judgeNodes(config, itemsOf<NodeList>(nodes)) : { name: 'nodes', ok: false, detail: `GET /api/v1/nodes: ${failure(nodes)}` });
   const pods = await api.get('/api/v1/namespaces/kube-system/pods');
-  const podList = parse<PodList>(pods.body) ?? { items: [] };
+  const podList = itemsOf<PodList>(pods);
   results.push(pods.status === 200 ? judgeSystemPods(podList) : { name: 'kube-system pods', ok: false, detail: `GET pods: ${failure(pods)}` });
   if (config.controlPlane?.virtualIp) {
     results.push(judgeEtcd(config, podList));

@@ -39,7 +39,7 @@ test.after(async () => {
   rmSync(work, { recursive: true, force: true });
 });
 
-async function apiServer(scenario: { readyAfter: number; neverReady?: string[]; dropNodeRequests?: number }): Promise<ApiServerFixture> {
+async function apiServer(scenario: { readyAfter: number; neverReady?: string[]; dropNodeRequests?: number; failPodLists?: number }): Promise<ApiServerFixture> {
   const server = await startApiServer({
     port: apiPort,
     caCert: join(ws.outDir, 'pki', 'ca.crt'),
@@ -85,6 +85,12 @@ test('a request that gets no answer after /readyz (an API server restarting or t
   const { server, lines } = await verifyGreen({ readyAfter: 0, dropNodeRequests: 2 });
   assert.match(lines.join('\n'), /cluster test verified/);
   assert.ok(server.requests.filter((r) => r.path === '/api/v1/nodes').length >= 3, 'it asked again after the dropped answers');
+});
+
+test('a list answered with an error Status (500 while the API server starts) is "not ready yet", never a crash', async () => {
+  const { server, lines } = await verifyGreen({ readyAfter: 0, failPodLists: 2 });
+  assert.match(lines.join('\n'), /cluster test verified/);
+  assert.ok(server.requests.filter((r) => r.path === '/api/v1/namespaces/kube-system/pods').length >= 3, 'it asked again');
 });
 
 test('a request with no answer is reported as such when the bound is reached', async () => {
