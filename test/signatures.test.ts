@@ -16,7 +16,7 @@ import { pin } from '../tasks/pin/stage.ts';
 import { formatFsck, fsck } from '../tasks/fsck.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
-import { k8sIdentity, pushCosignSignature, serveKeys, signArtifact, signFixtureUpstream, trustConfig, type TestSigner } from './fixtures/signing.ts';
+import { containerdIdentity, githubIssuer, k8sIdentity, pushCosignSignature, serveKeys, signArtifact, signFixtureUpstream, trustConfig, type TestSigner } from './fixtures/signing.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
 import { fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace } from './helpers.ts';
 
@@ -126,7 +126,9 @@ test('pin verifies every signed artifact and image, the lock says against whom, 
     assert.match(sigs.artifacts[key as 'runc']!.signer!, signer.pgpFingerprint);
   }
   for (const key of ['kubeadm', 'kubelet', 'kubectl'] as const) assert.is(sigs.artifacts[key]!.signer, `${k8sIdentity.binaries} (${k8sIdentity.issuer})`);
-  for (const key of ['crictl', 'cni-plugins', 'containerd'] as const) assert.is(sigs.artifacts[key]!.method, 'none', key);
+  for (const key of ['crictl', 'cni-plugins'] as const) assert.is(sigs.artifacts[key]!.method, 'none', key);
+  assert.equal(sigs.artifacts.containerd!.method, 'attestation');
+  assert.is(sigs.artifacts.containerd!.signer, `${containerdIdentity('v2.3.7')} (${githubIssuer})`);
   for (const image of result.lock.images) {
     const record = sigs.images[`${image.name}:${image.tag}`]!;
     if (!image.name.startsWith('registry.k8s.io/')) {
