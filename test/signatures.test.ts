@@ -1,9 +1,11 @@
 // Upstream's signatures at pin: the fixture upstream signs what it serves with keys and a
 // Sigstore-like instance made here (test/fixtures/signing.ts), pin is handed that trust
 // through cluster.yaml's signatures:, and every refusal is one line with nothing written.
+// The last test carries the evidence in a bundle to a cache that never saw the network.
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -14,6 +16,11 @@ import { parseEvidence, reverify } from '../tasks/lib/signatures/evidence.ts';
 import { fedoraFingerprints, fedoraKeysUrl, identityAt, kubernetesBinaryIdentity, kubernetesImageIdentity, kubernetesIssuer, runcFingerprints, upstreamKeyUrl, upstreamTrust } from '../tasks/lib/signatures/trust.ts';
 import { containerdAttestation, containerdFirstAttested, versionBefore } from '../tasks/lib/signatures/attestation.ts';
 import { pin } from '../tasks/pin/stage.ts';
+import { unbundle } from '../tasks/bundle/unbundle.ts';
+import { writeBundle } from '../tasks/bundle/write.ts';
+import { fetchStage } from '../tasks/fetch.ts';
+import { imagesStage } from '../tasks/images.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
 import { formatFsck, fsck } from '../tasks/fsck.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
@@ -28,6 +35,8 @@ let server: FixtureServer;
 let registry: RegistryFixture;
 let signer: TestSigner;
 const workspaces: Workspace[] = [];
+/** Listeners on the fixture ports once the servers are stopped (the last test). */
+const listeners: Server[] = [];
 
 test.before(loud(async () => {
   tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
@@ -37,6 +46,7 @@ test.before(loud(async () => {
 }));
 
 test.after(async () => {
+  for (const listener of listeners) await new Promise((resolve) => listener.close(resolve));
   await server?.close();
   await registry?.close();
   for (const ws of workspaces) rmSync(ws.dir, { recursive: true, force: true });
@@ -365,6 +375,47 @@ test('refused: an image signed by another identity', async () => {
   } finally {
     pushCosignSignature(signer, registry.host, pause.repository, pause.name, pause.digest, { identity: k8sIdentity.images, issuer: k8sIdentity.issuer }, work);
   }
+});
+
+// Last: it stops the fixture servers.
+test('the evidence travels in a bundle: unbundled into an EMPTY cache with every fixture server stopped, fsck re-verifies every signature from that cache alone', async () => {
+  const warm = workspace();
+  const { lock } = await pin(warm.context(quick));
+  await runStages(warm.context(), [fetchStage, imagesStage], { renderer: 'silent' });
+  const summary = await writeBundle(warm.context());
+  const records = [...Object.values(lock.signatures!.artifacts), ...Object.values(lock.signatures!.images)].filter((r) => r.method !== 'none');
+  assert.equal([...new Set(records.map((r) => r.method))].sort(), ['attestation', 'cosign', 'openpgp', 'sigstore']);
+
+  // Every fixture server stopped, a plain listener on each port counting connection attempts.
+  const ports = [server.port, Number(registry.host.split(':')[1])];
+  await server.close();
+  await registry.stop();
+  let connections = 0;
+  for (const port of ports) {
+    const listener = createServer((socket) => {
+      connections++;
+      socket.destroy();
+    });
+    await new Promise<void>((resolve, reject) => listener.once('error', reject).listen(port, '127.0.0.1', () => resolve()));
+    listeners.push(listener);
+  }
+
+  const site = workspace();
+  rmSync(site.configFile); // installed from the bundle
+  assert.not.ok(existsSync(site.cacheDir) && readdirSync(site.cacheDir).length > 0, 'the cache is empty');
+  await unbundle(site.context(), summary.file);
+  for (const record of records) assert.ok(existsSync(join(site.cacheDir, 'sha256', record.evidence!)), `the evidence of ${record.signer}`);
+  // The key files and the attestation file pin downloaded stay behind: the evidence alone re-verifies.
+  const evidence = records.map((r) => parseEvidence(r.evidence!, readFileSync(join(site.cacheDir, 'sha256', r.evidence!), 'utf8')));
+  const downloaded = evidence.flatMap((e) => [e.openpgp?.keyFile?.sha256, e.attestation?.file.sha256]).filter((hex): hex is string => hex !== undefined);
+  assert.ok(downloaded.length >= 2);
+  for (const hex of downloaded) assert.not.ok(existsSync(join(site.cacheDir, 'sha256', hex)), `${hex} is not in the bundle`);
+
+  const report = await fsck(site.settings({ offline: true }), { fix: false });
+  assert.is(report.signatures, records.length, 'every signature the lock records');
+  assert.equal(report.bad, []);
+  assert.match(formatFsck(report, site.settings()), new RegExp(`\\d+ cache entries, ${records.length} signatures and 0 outputs checked .*: all match`));
+  assert.is(connections, 0, 'no connection to any fixture port');
 });
 
 test.run();
