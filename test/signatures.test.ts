@@ -206,7 +206,9 @@ test('containerd: the defaults are its release workflow at the pinned tag, from 
     assert.is(evidence.attestation!.name, where.name);
     assert.equal(evidence.attestation!.file, { url, sha256: createHash('sha256').update(readFileSync(file)).digest('hex') });
     assert.ok(existsSync(join(ws.cacheDir, 'sha256', evidence.attestation!.file.sha256)), 'the attestation file as pin downloaded it');
-    assert.is(await reverify(evidence, join(ws.cacheDir, 'sha256', evidence.sha256)), record.signer);
+    assert.not.ok(existsSync(join(ws.cacheDir, 'sha256', evidence.sha256)), 'the tarball is not downloaded by pin: the attestation names its digest');
+    assert.is(await reverify(evidence), record.signer);
+    assert.is(await reverify(evidence, readFileSync(served('containerd'))), record.signer);
     try {
       await reverify(evidence, Buffer.from('other bytes'));
       assert.unreachable('other bytes passed');

