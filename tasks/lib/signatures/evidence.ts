@@ -1,8 +1,8 @@
 // The evidence of one verified signature: everything needed to check it again with no
 // network (the signature, the certificate and transparency-log entry as a Sigstore bundle,
-// or the attestation's bundle, the trusted keys or root, the identity), as one JSON file kept in the cache under its
-// sha256 and named by the lock. make fsck (and unbundle, through fsck) re-verifies it
-// against the bytes the cache holds.
+// or an attestation's own bundle; the trusted keys or root, the identity), as one JSON
+// file kept in the cache under its sha256 and named by the lock. make fsck (and unbundle,
+// through fsck) re-verifies it against the bytes the cache holds.
 import { createReadStream } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import type { Cache } from '../store/cache.ts';
