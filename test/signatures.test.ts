@@ -1,9 +1,11 @@
 // Upstream's signatures at pin: the fixture upstream signs what it serves with keys and a
 // Sigstore-like instance made here (test/fixtures/signing.ts), pin is handed that trust
 // through cluster.yaml's signatures:, and every refusal is one line with nothing written.
+// The last test carries the evidence in a bundle to a cache that never saw the network.
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -11,12 +13,18 @@ import * as assert from 'uvu/assert';
 import { mirrorUrl, upstreamBases } from '../tasks/lib/inputs/config.ts';
 import { readTrustedKeys } from '../tasks/lib/signatures/openpgp.ts';
 import { parseEvidence, reverify } from '../tasks/lib/signatures/evidence.ts';
-import { fedoraFingerprints, fedoraKeysUrl, kubernetesBinaryIdentity, kubernetesImageIdentity, kubernetesIssuer, runcFingerprints, upstreamKeyUrl, upstreamTrust } from '../tasks/lib/signatures/trust.ts';
+import { fedoraFingerprints, fedoraKeysUrl, identityAt, kubernetesBinaryIdentity, kubernetesImageIdentity, kubernetesIssuer, runcFingerprints, upstreamKeyUrl, upstreamTrust } from '../tasks/lib/signatures/trust.ts';
+import { containerdAttestation, containerdFirstAttested, versionBefore } from '../tasks/lib/signatures/attestation.ts';
 import { pin } from '../tasks/pin/stage.ts';
+import { unbundle } from '../tasks/bundle/unbundle.ts';
+import { writeBundle } from '../tasks/bundle/write.ts';
+import { fetchStage } from '../tasks/fetch.ts';
+import { imagesStage } from '../tasks/images.ts';
+import { runStages } from '../tasks/lib/run/engine.ts';
 import { formatFsck, fsck } from '../tasks/fsck.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
-import { k8sIdentity, pushCosignSignature, serveKeys, signArtifact, signFixtureUpstream, trustConfig, type TestSigner } from './fixtures/signing.ts';
+import { attestBlobs, attestContainerd, containerdIdentity, githubIssuer, k8sIdentity, pushCosignSignature, serveKeys, signArtifact, signFixtureUpstream, trustConfig, trustedRoot, type ContainerdAttestationOptions, type TestSigner } from './fixtures/signing.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
 import { fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace } from './helpers.ts';
 
@@ -27,6 +35,8 @@ let server: FixtureServer;
 let registry: RegistryFixture;
 let signer: TestSigner;
 const workspaces: Workspace[] = [];
+/** Listeners on the fixture ports once the servers are stopped (the last test). */
+const listeners: Server[] = [];
 
 test.before(loud(async () => {
   tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 1, kubernetesVersion: version });
@@ -36,15 +46,18 @@ test.before(loud(async () => {
 }));
 
 test.after(async () => {
+  for (const listener of listeners) await new Promise((resolve) => listener.close(resolve));
   await server?.close();
   await registry?.close();
   for (const ws of workspaces) rmSync(ws.dir, { recursive: true, force: true });
   rmSync(work, { recursive: true, force: true });
 });
 
-function workspace(): Workspace {
+/** A workspace trusting the test's signers; `containerd` replaces the line of signatures.containerd. */
+function workspace(containerd?: string): Workspace {
   const trustDir = mkdtempSync(join(work, 'trust-'));
-  const ws = makeWorkspace(tree, server.url, { registries: fixtureMirrors(registry.host), extraConfig: trustConfig(signer, trustDir, server.url) });
+  const trust = trustConfig(signer, trustDir, server.url).filter((line) => containerd === undefined || !line.startsWith('  containerd:'));
+  const ws = makeWorkspace(tree, server.url, { registries: fixtureMirrors(registry.host), extraConfig: [...trust, ...(containerd ? [`  containerd: ${containerd}`] : [])] });
   rmSync(ws.lockFile);
   workspaces.push(ws);
   return ws;
@@ -57,6 +70,7 @@ async function refusal(ws: Workspace): Promise<string> {
     await pin(ws.context(quick));
   } catch (error) {
     assert.not.ok(existsSync(ws.lockFile), 'nothing is written to the lock');
+    if (process.env.SHOW_ERRORS) console.log(`\n--- ${(error as Error).message}`);
     return (error as Error).message;
   }
   throw new Error('pin succeeded where it should have refused');
@@ -126,7 +140,9 @@ test('pin verifies every signed artifact and image, the lock says against whom, 
     assert.match(sigs.artifacts[key as 'runc']!.signer!, signer.pgpFingerprint);
   }
   for (const key of ['kubeadm', 'kubelet', 'kubectl'] as const) assert.is(sigs.artifacts[key]!.signer, `${k8sIdentity.binaries} (${k8sIdentity.issuer})`);
-  for (const key of ['crictl', 'cni-plugins', 'containerd'] as const) assert.is(sigs.artifacts[key]!.method, 'none', key);
+  for (const key of ['crictl', 'cni-plugins'] as const) assert.is(sigs.artifacts[key]!.method, 'none', key);
+  assert.equal(sigs.artifacts.containerd!.method, 'attestation');
+  assert.is(sigs.artifacts.containerd!.signer, `${containerdIdentity('v2.3.7')} (${githubIssuer})`);
   for (const image of result.lock.images) {
     const record = sigs.images[`${image.name}:${image.tag}`]!;
     if (!image.name.startsWith('registry.k8s.io/')) {
@@ -161,6 +177,103 @@ test('pin verifies every signed artifact and image, the lock says against whom, 
   assert.equal(report.bad, []);
   assert.match(formatFsck(report, ws.settings()), /\d+ cache entries, \d+ signatures and \d+ outputs checked .*: all match/);
   assert.is(server.requests.length, asked);
+});
+
+/** A string as a regular expression that matches it literally. */
+const literal = (text: string) => text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+
+test('containerd: the defaults are its release workflow at the pinned tag, from GitHub Actions\' issuer; the attestation is found per JSON line (v2.0.x: one bundle per tarball) and by its subject; before v2.0.0 nothing is published', async () => {
+  const trust = upstreamTrust().containerd;
+  assert.is(trust.identity, 'https://github.com/containerd/containerd/.github/workflows/release.yml@refs/tags/{tag}');
+  assert.is(trust.issuer, 'https://token.actions.githubusercontent.com');
+  assert.equal(trust.trustedRoot, upstreamTrust().kubernetes.trustedRoot, 'the public-good root');
+  assert.is(identityAt(trust, 'v2.3.7').identity, containerdIdentity('v2.3.7'));
+  const where = containerdAttestation(tree.artifacts.containerd!.upstreamUrl);
+  const url = 'https://github.com/containerd/containerd/releases/download/v2.3.7/containerd-2.3.7-attestation.intoto.jsonl';
+  assert.equal(where, { url, tag: 'v2.3.7', version: '2.3.7', name: 'containerd-2.3.7-linux-amd64.tar.gz' });
+  assert.ok(versionBefore('1.7.29', containerdFirstAttested) && !versionBefore('2.0.0', containerdFirstAttested) && !versionBefore('2.3.7', containerdFirstAttested));
+  // actions/attest v1 (containerd v2.0.x) appended one bundle per tarball: ours is not the first line.
+  try {
+    const file = attestContainerd(tree, signer, { perSubject: true });
+    assert.is(readFileSync(file, 'utf8').trim().split('\n').length, 2);
+    const ws = workspace();
+    const result = await pin(ws.context(quick));
+    const record = result.lock.signatures!.artifacts.containerd!;
+    assert.is(record.signer, `${containerdIdentity('v2.3.7')} (${githubIssuer})`);
+    assert.match(result.text, /containerd: \{method: attestation, signer: "https:\/\/github\.com\/containerd\/containerd\/\.github\/workflows\/release\.yml@refs\/tags\/v2\.3\.7 \(https:\/\/token\.actions\.githubusercontent\.com\)", evidence: [0-9a-f]{64}\}/);
+    const evidence = parseEvidence(record.evidence!, readFileSync(join(ws.cacheDir, 'sha256', record.evidence!), 'utf8'));
+    assert.is(evidence.method, 'attestation');
+    assert.is(evidence.attestation!.name, where.name);
+    assert.equal(evidence.attestation!.file, { url, sha256: createHash('sha256').update(readFileSync(file)).digest('hex') });
+    assert.ok(existsSync(join(ws.cacheDir, 'sha256', evidence.attestation!.file.sha256)), 'the attestation file as pin downloaded it');
+    assert.not.ok(existsSync(join(ws.cacheDir, 'sha256', evidence.sha256)), 'the tarball is not downloaded by pin: the attestation names its digest');
+    assert.is(await reverify(evidence), record.signer);
+    assert.is(await reverify(evidence, readFileSync(served('containerd'))), record.signer);
+    try {
+      await reverify(evidence, Buffer.from('other bytes'));
+      assert.unreachable('other bytes passed');
+    } catch (error) {
+      assert.match((error as Error).message, /^containerd: signature refused: expected the bytes the attestation names \(sha256 [0-9a-f]{64}\); found other bytes/);
+    }
+  } finally {
+    attestContainerd(tree, signer);
+  }
+});
+
+test('refused: containerd\'s attestation by another workflow, repository, tag or issuer, from a CA the root does not name, with a tampered log entry, of another predicate, naming other bytes or not the tarball, or none published', async () => {
+  const identity = containerdIdentity('v2.3.7');
+  const other = (id: string, issuer = githubIssuer) => new RegExp(`expected a certificate for ${literal(identity)} from ${literal(githubIssuer)}; found one for ${literal(id)} from ${literal(issuer)}$`, 'm');
+  const otherSha = createHash('sha256').update('another tarball').digest('hex');
+  const cases: [ContainerdAttestationOptions, RegExp][] = [
+    [{ identity: identity.replace('release.yml', 'ci.yml') }, other('https://github.com/containerd/containerd/.github/workflows/ci.yml@refs/tags/v2.3.7')],
+    [{ identity: identity.replace('containerd/containerd', 'mallory/containerd') }, other('https://github.com/mallory/containerd/.github/workflows/release.yml@refs/tags/v2.3.7')],
+    [{ identity: containerdIdentity('v2.3.6') }, other(containerdIdentity('v2.3.6'))],
+    [{ identity: identity.replace('refs/tags/v2.3.7', 'refs/heads/main') }, other('https://github.com/containerd/containerd/.github/workflows/release.yml@refs/heads/main')],
+    [{ issuer: 'https://accounts.google.com' }, other(identity, 'https://accounts.google.com')],
+    [{ rogue: true }, /expected a certificate that chains to the root of .*test-trusted-root\.json.*; found one that does not/],
+    [{ otherBytes: Buffer.from('another tarball') }, new RegExp(`expected subject containerd-2\\.3\\.7-linux-amd64\\.tar\\.gz with sha256 ${tree.artifacts.containerd!.sha256} \\(what the lock pins\\) in the statement signed by ${literal(identity)}; found sha256 ${otherSha}$`, 'm')],
+    [{ predicateType: 'https://example.com/not-provenance' }, /expected an in-toto statement of https:\/\/slsa\.dev\/provenance\/v1; found https:\/\/in-toto\.io\/Statement\/v1 of https:\/\/example\.com\/not-provenance$/m],
+  ];
+  const refused = async (found: RegExp, why: string) => {
+    const message = await refusal(workspace());
+    const line = message.split('\n')[0]!;
+    assert.ok(line.startsWith('pin: containerd: attestation refused: expected '), `${why}: ${message}`);
+    assert.match(line, found, why);
+  };
+  try {
+    for (const [options, found] of cases) {
+      attestContainerd(tree, signer, options);
+      await refused(found, JSON.stringify(options));
+    }
+    // A log entry whose index was changed after the log signed it.
+    const file = attestContainerd(tree, signer);
+    const bundle = JSON.parse(readFileSync(file, 'utf8')) as { verificationMaterial: { tlogEntries: { logIndex: string }[] } };
+    bundle.verificationMaterial.tlogEntries[0]!.logIndex = String(Number(bundle.verificationMaterial.tlogEntries[0]!.logIndex) + 1);
+    writeFileSync(file, `${JSON.stringify(bundle)}\n`);
+    await refused(/expected a transparency-log entry signed by the log of .*; found an entry that does not verify/, 'a tampered log entry');
+    // An attestation of the other tarballs only.
+    writeFileSync(file, `${JSON.stringify(attestBlobs(signer, [{ name: 'containerd-2.3.7-linux-arm64.tar.gz', sha256: 'ab'.repeat(32) }], { identity, issuer: githubIssuer }))}\n`);
+    await refused(/expected an attestation of containerd-2\.3\.7-linux-amd64\.tar\.gz in https:.*\.intoto\.jsonl; found attestations of containerd-2\.3\.7-linux-arm64\.tar\.gz$/, 'not the tarball');
+    // None published beside the tarball.
+    rmSync(file);
+    await refused(/expected upstream's attestation at https:\/\/github\.com\/containerd\/containerd\/releases\/download\/v2\.3\.7\/containerd-2\.3\.7-attestation\.intoto\.jsonl; found none \(.*404/, 'none');
+  } finally {
+    attestContainerd(tree, signer);
+  }
+});
+
+test('a site\'s own signer for containerd: signatures.containerd names the identity ({tag}: the release\'s tag) and the issuer its mirror attests with', async () => {
+  const site = 'https://git.example.com/mirror/containerd/.github/workflows/release.yml@refs/tags/{tag}';
+  const root = join(work, 'site-root.json');
+  writeFileSync(root, JSON.stringify(trustedRoot(signer, `${server.url}/rekor`)));
+  try {
+    attestContainerd(tree, signer, { identity: site.replace('{tag}', 'v2.3.7'), issuer: 'https://sso.example.com' });
+    assert.match(await refusal(workspace()), /^pin: containerd: attestation refused: expected a certificate for https:\/\/github\.com\/containerd\//, 'upstream\'s identity refuses the site\'s');
+    const result = await pin(workspace(`{trustedRoot: "${root}", identity: "${site}", issuer: "https://sso.example.com"}`).context(quick));
+    assert.is(result.lock.signatures!.artifacts.containerd!.signer, 'https://git.example.com/mirror/containerd/.github/workflows/release.yml@refs/tags/v2.3.7 (https://sso.example.com)');
+  } finally {
+    attestContainerd(tree, signer);
+  }
 });
 
 test('refused: a signature over other bytes (kubeadm), named in one line', async () => {
@@ -264,6 +377,47 @@ test('refused: an image signed by another identity', async () => {
   } finally {
     pushCosignSignature(signer, registry.host, pause.repository, pause.name, pause.digest, { identity: k8sIdentity.images, issuer: k8sIdentity.issuer }, work);
   }
+});
+
+// Last: it stops the fixture servers.
+test('the evidence travels in a bundle: unbundled into an EMPTY cache with every fixture server stopped, fsck re-verifies every signature from that cache alone', async () => {
+  const warm = workspace();
+  const { lock } = await pin(warm.context(quick));
+  await runStages(warm.context(), [fetchStage, imagesStage], { renderer: 'silent' });
+  const summary = await writeBundle(warm.context());
+  const records = [...Object.values(lock.signatures!.artifacts), ...Object.values(lock.signatures!.images)].filter((r) => r.method !== 'none');
+  assert.equal([...new Set(records.map((r) => r.method))].sort(), ['attestation', 'cosign', 'openpgp', 'sigstore']);
+
+  // Every fixture server stopped, a plain listener on each port counting connection attempts.
+  const ports = [server.port, Number(registry.host.split(':')[1])];
+  await server.close();
+  await registry.stop();
+  let connections = 0;
+  for (const port of ports) {
+    const listener = createServer((socket) => {
+      connections++;
+      socket.destroy();
+    });
+    await new Promise<void>((resolve, reject) => listener.once('error', reject).listen(port, '127.0.0.1', () => resolve()));
+    listeners.push(listener);
+  }
+
+  const site = workspace();
+  rmSync(site.configFile); // installed from the bundle
+  assert.not.ok(existsSync(site.cacheDir) && readdirSync(site.cacheDir).length > 0, 'the cache is empty');
+  await unbundle(site.context(), summary.file);
+  for (const record of records) assert.ok(existsSync(join(site.cacheDir, 'sha256', record.evidence!)), `the evidence of ${record.signer}`);
+  // The key files and the attestation file pin downloaded stay behind: the evidence alone re-verifies.
+  const evidence = records.map((r) => parseEvidence(r.evidence!, readFileSync(join(site.cacheDir, 'sha256', r.evidence!), 'utf8')));
+  const downloaded = evidence.flatMap((e) => [e.openpgp?.keyFile?.sha256, e.attestation?.file.sha256]).filter((hex): hex is string => hex !== undefined);
+  assert.ok(downloaded.length >= 2);
+  for (const hex of downloaded) assert.not.ok(existsSync(join(site.cacheDir, 'sha256', hex)), `${hex} is not in the bundle`);
+
+  const report = await fsck(site.settings({ offline: true }), { fix: false });
+  assert.is(report.signatures, records.length, 'every signature the lock records');
+  assert.equal(report.bad, []);
+  assert.match(formatFsck(report, site.settings()), new RegExp(`\\d+ cache entries, ${records.length} signatures and 0 outputs checked .*: all match`));
+  assert.is(connections, 0, 'no connection to any fixture port');
 });
 
 test.run();

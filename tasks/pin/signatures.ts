@@ -2,7 +2,8 @@
 // against Fedora's keys and runc against runc.keyring (OpenPGP: the key files downloaded
 // here from where upstream publishes them, through the mirrors, and held to the
 // fingerprints kept in the source), Kubernetes binaries and registry.k8s.io images
-// against Kubernetes' Sigstore identities. Each check keeps its
+// against Kubernetes' Sigstore identities, containerd's tarball against the build-provenance
+// attestation its release workflow publishes (Sigstore). Each check keeps its
 // evidence in the cache; the lock names it (signatures: in corekube.lock.yaml). A refusal
 // is one line naming the artifact or image, what was expected and what was found, and
 // pin writes nothing. What upstream does not sign is recorded as such, with what it
@@ -12,10 +13,11 @@ import { join } from 'node:path';
 import pLimit from 'p-limit';
 import { UserError } from '../lib/errors.ts';
 import type { AnyArtifactKey, Artifact, ImageRef, LockSignatures } from '../lib/inputs/lock.ts';
+import { containerdAttestation, containerdFirstAttested, findAttestation, versionBefore } from '../lib/signatures/attestation.ts';
 import { storeBytes, storeEvidence, type Evidence, type SignatureRecord } from '../lib/signatures/evidence.ts';
 import { readTrustedKeys, SignatureError, verifyDetached } from '../lib/signatures/openpgp.ts';
 import { certificateDer, checkCosignPayload, cosignAnnotations, cosignBundleEntry, cosignPayloadType, messageBundle, verifyBundle, type RekorEntry } from '../lib/signatures/sigstore.ts';
-import { readSiteKeys, signedRegistry, transparencyLogUrl, trustFor, upstreamKeyUrl, type OpenpgpKeys, type OpenpgpSource, type SigstoreTrust, type Trust } from '../lib/signatures/trust.ts';
+import { identityAt, readSiteKeys, signedRegistry, transparencyLogUrl, trustFor, upstreamKeyUrl, type OpenpgpKeys, type OpenpgpSource, type SigstoreTrust, type Trust } from '../lib/signatures/trust.ts';
 import { runTool, ToolError } from '../lib/run/tool.ts';
 import { registryHasNoSuchImage, splitName } from '../lib/store/oci.ts';
 import { registryOf } from './images.ts';
@@ -26,7 +28,6 @@ import { allOrNothing, downloadToCacheHashed, familyOf, fetchBytes, firstLine, m
 export const unsignedArtifacts: Partial<Record<AnyArtifactKey, string>> = {
   crictl: 'cri-tools publishes only .sha256/.sha512 checksum files (hack/release.sh)',
   'cni-plugins': 'containernetworking/plugins publishes only .sha256/.sha512 checksum files (.github/workflows/release.yaml)',
-  containerd: 'containerd publishes a GitHub build-provenance attestation (containerd-VERSION-attestation.intoto.jsonl), which corekube does not check yet; the .sha256sum beside the tarball is unsigned',
 };
 
 const openpgpArtifacts: Partial<Record<AnyArtifactKey, { source: OpenpgpSource; suffix: string }>> = {
@@ -37,13 +38,13 @@ const openpgpArtifacts: Partial<Record<AnyArtifactKey, { source: OpenpgpSource; 
 };
 const sigstoreArtifacts = new Set<AnyArtifactKey>(['kubeadm', 'kubelet', 'kubectl']);
 
-/** Upstream's signature or certificate beside an artifact; its absence is a refusal, not a download error. */
-async function signatureFile(s: Session, subject: string, url: string): Promise<Buffer> {
+/** Upstream's signature, certificate or attestation beside an artifact; its absence is a refusal, not a download error. */
+async function signatureFile(s: Session, subject: string, url: string, what: 'signature' | 'attestation' = 'signature'): Promise<Buffer> {
   try {
-    return (await fetchBytes(s, url, `the signature of ${subject}`, '')).bytes;
+    return (await fetchBytes(s, url, `the ${what} of ${subject}`, '')).bytes;
   } catch (error) {
     if (!(error instanceof UserError)) throw error;
-    throw new SignatureError(subject, `upstream's signature at ${url}`, `none (${firstLine(error.message).replace(/^pin: [^:]*: /, '')})`);
+    throw new SignatureError(subject, `upstream's ${what} at ${url}`, `none (${firstLine(error.message).replace(/^pin: [^:]*: /, '')})`, { refused: what });
   }
 }
 
@@ -176,6 +177,34 @@ async function sigstoreArtifact(s: Session, trust: SigstoreTrust, artifact: Arti
   return { method: 'sigstore', signer: `${signer.identity} (${signer.issuer})`, evidence: await storeEvidence(s.cache, evidence) };
 }
 
+/**
+ * containerd's tarball against the build-provenance attestation its release publishes
+ * beside it (docs/signatures.md): the bundle whose statement names the tarball, signed by
+ * the release workflow at the release's tag, naming the sha256 pin pinned. The tarball
+ * is not downloaded here: the signature covers the statement, not the bytes.
+ */
+async function attestedArtifact(s: Session, trust: SigstoreTrust, artifact: Artifact): Promise<SignatureRecord> {
+  const subject = artifact.key;
+  const where = containerdAttestation(artifact.url);
+  if (versionBefore(where.version, containerdFirstAttested)) {
+    return { method: 'none', why: `containerd ${where.version} predates the build-provenance attestation containerd publishes from v${containerdFirstAttested}; the .sha256sum beside the tarball is unsigned` };
+  }
+  const file = await signatureFile(s, subject, where.url, 'attestation');
+  const release = identityAt(trust, where.tag);
+  // The statement names the digest: the bytes are held to it by fetch (and fsck), as every artifact is.
+  s.progress(`checking the build-provenance attestation of ${subject}`);
+  const { bundle, signer } = findAttestation(subject, file.toString('utf8'), where.url, { name: where.name, sha256: artifact.sha256 }, release);
+  const evidence: Evidence = {
+    corekubeEvidence: 1,
+    subject,
+    method: 'attestation',
+    sha256: artifact.sha256,
+    sigstore: { source: trust.source, bundle, trustedRoot: trust.trustedRoot, identity: release.identity, issuer: release.issuer, origin: trust.origin },
+    attestation: { name: where.name, file: { url: where.url, sha256: await storeBytes(s.cache, file, `attestation-${subject}`) } },
+  };
+  return { method: 'attestation', signer: `${signer.identity} (${signer.issuer})`, evidence: await storeEvidence(s.cache, evidence) };
+}
+
 interface CosignManifest {
   layers?: { mediaType?: string; digest?: string; annotations?: Record<string, string> }[];
 }
@@ -249,6 +278,7 @@ export async function verifySignatures(s: Session, content: LockContent, signatu
           const openpgp = openpgpArtifacts[key];
           if (openpgp) result.artifacts[key] = await openpgpArtifact(session, ring, trust, artifact, openpgp, signatureUrls[key]);
           else if (sigstoreArtifacts.has(key)) result.artifacts[key] = await sigstoreArtifact(session, trust.kubernetes, artifact);
+          else if (key === 'containerd') result.artifacts[key] = await attestedArtifact(session, trust.containerd, artifact);
           else result.artifacts[key] = { method: 'none', why: unsignedArtifacts[key] ?? 'upstream publishes no signature' };
         }),
       ),

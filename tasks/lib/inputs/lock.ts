@@ -72,7 +72,7 @@ export interface LockSignatures {
   images: Record<string, SignatureRecord>;
 }
 
-export const signatureMethods = ['openpgp', 'sigstore', 'cosign', 'none'] as const;
+export const signatureMethods = ['openpgp', 'sigstore', 'cosign', 'attestation', 'none'] as const;
 
 /** One signatures entry: {method, signer, evidence} or {method: none, why}. */
 function parseSignatureRecord(r: Reader, value: unknown, path: string): SignatureRecord | undefined {

@@ -9,9 +9,10 @@ import { fieldPath, type Reader } from './fields.ts';
 export const signatureConfigKeys = {
   ...Object.fromEntries(openpgpSources.map((source) => [source, { keys: true, fingerprints: true }])),
   ...Object.fromEntries(sigstoreSources.map((source) => [source, { trustedRoot: true, identity: true, issuer: true }])),
-} as { fcos: OpenpgpKeys; butane: OpenpgpKeys; runc: OpenpgpKeys; kubernetes: { trustedRoot: true; identity: true; issuer: true }; images: { trustedRoot: true; identity: true; issuer: true } };
+} as { fcos: OpenpgpKeys; butane: OpenpgpKeys; runc: OpenpgpKeys; kubernetes: SigstoreKeys; images: SigstoreKeys; containerd: SigstoreKeys };
 
 type OpenpgpKeys = { keys: true; fingerprints: true };
+type SigstoreKeys = { trustedRoot: true; identity: true; issuer: true };
 
 /** A primary key's fingerprint: 40 hex digits, spaces allowed (as Fedora's security page prints them). */
 const fingerprintPattern = /^(?:[0-9A-Fa-f]{4}\s*){10}$/;
@@ -51,7 +52,7 @@ export function parseSignatureSettings(r: Reader, value: unknown, baseDir: strin
     if (!entry) continue;
     const own: NonNullable<SignatureSettings['sigstore'][typeof source]> = {};
     if (entry.trustedRoot !== undefined) own.trustedRoot = file(entry.trustedRoot, fieldPath(path, 'trustedRoot'), 'the path of a Sigstore trusted_root.json');
-    if (entry.identity !== undefined) own.identity = r.string(entry.identity, fieldPath(path, 'identity'), 'the certificate identity (an e-mail address or URI)', /^\S+$/);
+    if (entry.identity !== undefined) own.identity = r.string(entry.identity, fieldPath(path, 'identity'), 'the certificate identity (an e-mail address or URI; {tag} stands for the release\'s tag)', /^\S+$/);
     if (entry.issuer !== undefined) own.issuer = r.string(entry.issuer, fieldPath(path, 'issuer'), 'the OIDC issuer URL', /^https?:\/\/\S+$/);
     settings.sigstore[source] = own;
   }

@@ -1,4 +1,5 @@
-// Sigstore signatures (Kubernetes binaries and images), checked with @sigstore/verify
+// Sigstore signatures (Kubernetes binaries and images, and the envelope of containerd's
+// attestation, whose statement attestation.ts reads), checked with @sigstore/verify
 // against a trusted root: the certificate chains to the root's CA at the time the
 // transparency log recorded the entry, the entry is signed by the root's log and names
 // this signature, the signature covers the bytes, and the certificate names the expected
@@ -94,10 +95,11 @@ export interface SigstoreSigner {
 const tlogCodes = new Set(['TLOG_INCLUSION_PROMISE_ERROR', 'TLOG_INCLUSION_PROOF_ERROR', 'TLOG_BODY_ERROR', 'TLOG_MISSING_INCLUSION_ERROR', 'TLOG_ERROR']);
 
 /**
- * Verifies a bundle over `artifact` against the trust's root, identity and issuer.
+ * Verifies a bundle over `artifact` against the trust's root, identity and issuer (for a
+ * DSSE envelope, as an attestation is, the signed payload is in the bundle: no artifact).
  * Throws SignatureError (one line: subject, expected, found) on any refusal.
  */
-export function verifyBundle(subject: string, bundleJson: unknown, artifact: Buffer, trust: SigstoreTrust): SigstoreSigner {
+export function verifyBundle(subject: string, bundleJson: unknown, artifact: Buffer | undefined, trust: SigstoreTrust): SigstoreSigner {
   let bundle: Bundle;
   try {
     bundle = bundleFromJSON(bundleJson);
@@ -105,7 +107,8 @@ export function verifyBundle(subject: string, bundleJson: unknown, artifact: Buf
     throw new SignatureError(subject, 'a Sigstore bundle', `a malformed one (${(error as Error).message})`);
   }
   // Does the signature cover these bytes? Asked first, so other bytes are named as such.
-  if (bundle.content.$case === 'messageSignature' && bundle.verificationMaterial.content.$case === 'x509CertificateChain') {
+  if (bundle.content.$case === 'messageSignature' && !artifact) throw new SignatureError(subject, 'the signed bytes beside a message signature', 'none (a bug)');
+  if (bundle.content.$case === 'messageSignature' && artifact && bundle.verificationMaterial.content.$case === 'x509CertificateChain') {
     const leaf = X509Certificate.parse(Buffer.from(bundle.verificationMaterial.content.x509CertificateChain.certificates[0]!.rawBytes));
     if (!crypto.verify(artifact, crypto.createPublicKey(leaf.publicKey), Buffer.from(bundle.content.messageSignature.signature))) {
       throw new SignatureError(subject, `the bytes signed by ${leaf.subjectAltName ?? 'the certificate'}`, 'other bytes (the signature does not cover them)');

@@ -22,6 +22,11 @@
 // - Kubernetes' signers (kubernetes.io, "Verify Signed Kubernetes Artifacts"): release
 //   binaries by krel-staging@…, images in registry.k8s.io by krel-trust@…, both through
 //   Google's OIDC issuer.
+// - containerd's build provenance: its release workflow (.github/workflows/release.yml in
+//   containerd/containerd, run by the push of the release tag) attests the release
+//   tarballs with actions/attest-build-provenance, on the public-good instance. Fulcio
+//   names such a signer by the workflow's URI at the ref that ran it (the certificate's
+//   URI SAN, `gh attestation verify --signer-workflow`), from GitHub Actions' OIDC issuer.
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { basename } from 'node:path';
@@ -32,7 +37,7 @@ import type { ClusterConfig } from '../inputs/config.ts';
 export const openpgpSources = ['fcos', 'butane', 'runc'] as const;
 export type OpenpgpSource = (typeof openpgpSources)[number];
 /** The sources whose signatures are Sigstore (a certificate for an identity, a transparency-log entry). */
-export const sigstoreSources = ['kubernetes', 'images'] as const;
+export const sigstoreSources = ['kubernetes', 'images', 'containerd'] as const;
 export type SigstoreSource = (typeof sigstoreSources)[number];
 
 export interface KnownKey {
@@ -86,6 +91,10 @@ export function upstreamKeyUrl(source: OpenpgpSource, artifactUrl: string): stri
 export const kubernetesIssuer = 'https://accounts.google.com';
 export const kubernetesBinaryIdentity = 'krel-staging@k8s-releng-prod.iam.gserviceaccount.com';
 export const kubernetesImageIdentity = 'krel-trust@k8s-releng-prod.iam.gserviceaccount.com';
+/** The OIDC issuer of GitHub Actions' workflow identities. */
+export const githubActionsIssuer = 'https://token.actions.githubusercontent.com';
+/** containerd's release workflow at the release's tag ({tag}: the tag of the release pinned, as v2.3.7). */
+export const containerdReleaseIdentity = 'https://github.com/containerd/containerd/.github/workflows/release.yml@refs/tags/{tag}';
 /** The registry whose images Kubernetes signs (every image promoted into it). */
 export const signedRegistry = 'registry.k8s.io';
 /** The TUF repository of the Sigstore public-good instance, as @sigstore/tuf's seeds.json names it. */
@@ -123,6 +132,7 @@ export interface SigstoreTrust {
   source: SigstoreSource;
   /** A Sigstore trusted root (trusted_root.json, media type application/vnd.dev.sigstore.trustedroot+json). */
   trustedRoot: Record<string, unknown>;
+  /** The certificate's SAN; `{tag}` stands for the tag of the release pinned (identityAt). */
   identity: string;
   issuer: string;
   origin: string;
@@ -194,11 +204,11 @@ export function publicGoodTrustedRoot(): Record<string, unknown> {
 
 /** The defaults: upstream's signers. */
 export function upstreamTrust(): Trust {
-  const sigstore = (source: SigstoreSource, identity: string): SigstoreTrust => ({
+  const sigstore = (source: SigstoreSource, identity: string, issuer = kubernetesIssuer): SigstoreTrust => ({
     source,
     trustedRoot: publicGoodTrustedRoot(),
     identity,
-    issuer: kubernetesIssuer,
+    issuer,
     origin: 'the Sigstore public-good instance',
   });
   const openpgp = (source: OpenpgpSource): OpenpgpTrust => ({
@@ -213,7 +223,13 @@ export function upstreamTrust(): Trust {
     runc: openpgp('runc'),
     kubernetes: sigstore('kubernetes', kubernetesBinaryIdentity),
     images: sigstore('images', kubernetesImageIdentity),
+    containerd: sigstore('containerd', containerdReleaseIdentity, githubActionsIssuer),
   };
+}
+
+/** The trust for one release: `{tag}` in the identity replaced by the release's tag. */
+export function identityAt(trust: SigstoreTrust, tag: string): SigstoreTrust {
+  return { ...trust, identity: trust.identity.replaceAll('{tag}', tag) };
 }
 
 /**
