@@ -7,7 +7,7 @@
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync, writeSync, copyFileSync } from 'node:fs';
-import { createServer, type Server } from 'node:net';
+import { type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -27,7 +27,7 @@ import { pkiStage } from '../tasks/pki.ts';
 import { startFixtureServer, type FixtureServer } from './fixtures/http-server.ts';
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, flipByte, listFiles, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
+import { countConnectionsOn, fixtureMirrors, flipByte, listFiles, lockEntry, loud, makeWorkspace, projectImages, runCli, workspaceArgs, type Workspace, type WorkspaceOptions } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-bundle-'));
 const version = 'v1.35.7';
@@ -37,7 +37,7 @@ let registry: RegistryFixture;
 const workspaces: Workspace[] = [];
 /** Stand-ins bound to the fixture ports once the servers are stopped: any connection is a network access. */
 const listeners: Server[] = [];
-let connections = 0;
+let connectionsSeen = () => 0;
 
 test.before(loud(async () => {
   tree = await buildUpstreamTree(join(work, 'upstream'), { qcow2SizeMiB: 2, kubernetesVersion: version });
@@ -69,14 +69,9 @@ async function stopServersAndListen(): Promise<void> {
   const ports = [server.port, Number(registry.host.split(':')[1])];
   await server.close();
   await registry.stop();
-  for (const port of ports) {
-    const listener = createServer((socket) => {
-      connections++;
-      socket.destroy();
-    });
-    await new Promise<void>((resolve, reject) => listener.once('error', reject).listen(port, '127.0.0.1', () => resolve()));
-    listeners.push(listener);
-  }
+  const counting = await countConnectionsOn(ports);
+  listeners.push(...counting.listeners);
+  connectionsSeen = counting.connections;
 }
 
 const sha256 = (file: string) => createHash('sha256').update(readFileSync(file)).digest('hex');
@@ -211,7 +206,7 @@ test('servers stopped: unbundle into an EMPTY cache, then fetch and images offli
   assert.is(again.added, 0);
   assert.equal(again.project.map((p) => p.action), ['unchanged', 'unchanged']);
   assert.equal(snapshot(site.cacheDir), before);
-  assert.is(connections, 0, 'no connection to any fixture port');
+  assert.is(connectionsSeen(), 0, 'no connection to any fixture port');
 });
 
 test('a bundle with one flipped byte inside an entry is refused, naming the entry and both sha256; cache and project untouched', async () => {
@@ -245,7 +240,7 @@ test('a bundle with one flipped byte inside an entry is refused, naming the entr
     assert.equal(snapshot(warm.cacheDir), before);
     assert.instance(await refusal(() => verifyBundle(warm.context(), tampered)), ChecksumError);
   }
-  assert.is(connections, 0);
+  assert.is(connectionsSeen(), 0);
 });
 
 test('a truncated bundle is refused naming what is cut short and what is missing; cache untouched', async () => {
@@ -418,21 +413,21 @@ test('offline proof: from a warm cache with every server stopped, fetch→images
     assert.ok(statSync(join(outDir, 'image-disk.img')).size > 0);
     assert.ok(existsSync(join(outDir, 'ignition', 'cp1.ign')));
   }
-  assert.is(connections, 0, 'no connection to the fixture server or the registry ports');
+  assert.is(connectionsSeen(), 0, 'no connection to the fixture server or the registry ports');
 });
 
 test('control: the stand-in listeners do see a connection when something does reach for the network', async () => {
   await stopServersAndListen();
-  const before = connections;
+  const before = connectionsSeen();
   const cold = workspace();
   const error = await refusal(() => runStages(cold.context({ http: { retries: 0, stallTimeoutMs: 1500, backoffMs: 1 } }), [fetchStage], silent));
   assert.instance(error, UserError);
-  assert.ok(connections > before, `a cold fetch connected ${connections - before} times`);
+  assert.ok(connectionsSeen() > before, `a cold fetch connected ${connectionsSeen() - before} times`);
 });
 
 test('through the CLI: unbundle --file, then an offline build; a missing --file is a usage error', async () => {
   const site = workspace();
-  const before = connections;
+  const before = connectionsSeen();
   const usage = await runCli(['unbundle', ...workspaceArgs(site)]);
   assert.is(usage.code, 2);
   assert.match(usage.stderr, /make unbundle FILE=/);
@@ -441,7 +436,7 @@ test('through the CLI: unbundle --file, then an offline build; a missing --file 
   const built = await runCli(['--offline', 'fetch', 'images', ...workspaceArgs(site)]);
   assert.is(built.code, 0, built.stderr);
   assert.ok(existsSync(join(site.outDir, 'images', 'index.json')));
-  assert.is(connections, before, 'offline means no connection');
+  assert.is(connectionsSeen(), before, 'offline means no connection');
 });
 
 test.run();

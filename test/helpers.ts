@@ -267,3 +267,22 @@ export function clusterWorkspace(up: Upstream, nodes: string[], ports: { apiServ
     extraConfig: [`hostPorts: {apiServer: ${ports.apiServer}, sshBase: ${ports.sshBase}}`],
   });
 }
+
+/**
+ * Plain TCP listeners on 127.0.0.1 `ports` (the ports of fixture servers just stopped):
+ * any connection to them is a network access, counted by `connections()`. Close each of
+ * `listeners` when the test file ends.
+ */
+export async function countConnectionsOn(ports: number[]): Promise<{ listeners: Server[]; connections: () => number }> {
+  let connections = 0;
+  const listeners: Server[] = [];
+  for (const port of ports) {
+    const listener = createServer((socket) => {
+      connections++;
+      socket.destroy();
+    });
+    await new Promise<void>((resolve, reject) => listener.once('error', reject).listen(port, '127.0.0.1', () => resolve()));
+    listeners.push(listener);
+  }
+  return { listeners, connections: () => connections };
+}

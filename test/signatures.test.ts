@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { createServer, type Server } from 'node:net';
+import { type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'uvu';
@@ -26,7 +26,7 @@ import { startFixtureServer, type FixtureServer } from './fixtures/http-server.t
 import { startRegistry, type RegistryFixture } from './fixtures/registry.ts';
 import { attestBlobs, attestContainerd, containerdIdentity, githubIssuer, k8sIdentity, pushCosignSignature, serveKeys, signArtifact, signFixtureUpstream, trustConfig, trustedRoot, type ContainerdAttestationOptions, type TestSigner } from './fixtures/signing.ts';
 import { buildUpstreamTree, type UpstreamTree } from './fixtures/upstream.ts';
-import { fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace } from './helpers.ts';
+import { countConnectionsOn, fixtureMirrors, loud, makeWorkspace, projectImages, type Workspace } from './helpers.ts';
 
 const work = mkdtempSync(join(tmpdir(), 'corekube-sig-'));
 const version = 'v1.35.7';
@@ -392,15 +392,8 @@ test('the evidence travels in a bundle: unbundled into an EMPTY cache with every
   const ports = [server.port, Number(registry.host.split(':')[1])];
   await server.close();
   await registry.stop();
-  let connections = 0;
-  for (const port of ports) {
-    const listener = createServer((socket) => {
-      connections++;
-      socket.destroy();
-    });
-    await new Promise<void>((resolve, reject) => listener.once('error', reject).listen(port, '127.0.0.1', () => resolve()));
-    listeners.push(listener);
-  }
+  const counting = await countConnectionsOn(ports);
+  listeners.push(...counting.listeners);
 
   const site = workspace();
   rmSync(site.configFile); // installed from the bundle
@@ -417,7 +410,7 @@ test('the evidence travels in a bundle: unbundled into an EMPTY cache with every
   assert.is(report.signatures, records.length, 'every signature the lock records');
   assert.equal(report.bad, []);
   assert.match(formatFsck(report, site.settings()), new RegExp(`\\d+ cache entries, ${records.length} signatures and 0 outputs checked .*: all match`));
-  assert.is(connections, 0, 'no connection to any fixture port');
+  assert.is(counting.connections(), 0, 'no connection to any fixture port');
 });
 
 test.run();

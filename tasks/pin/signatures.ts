@@ -172,7 +172,7 @@ async function sigstoreArtifact(s: Session, trust: SigstoreTrust, artifact: Arti
     subject,
     method: 'sigstore',
     sha256: artifact.sha256,
-    sigstore: { source: trust.source, bundle, trustedRoot: trust.trustedRoot, identity: trust.identity, issuer: trust.issuer, origin: trust.origin },
+    sigstore: sigstoreEvidence(trust, bundle),
   };
   return { method: 'sigstore', signer: `${signer.identity} (${signer.issuer})`, evidence: await storeEvidence(s.cache, evidence) };
 }
@@ -199,7 +199,7 @@ async function attestedArtifact(s: Session, trust: SigstoreTrust, artifact: Arti
     subject,
     method: 'attestation',
     sha256: artifact.sha256,
-    sigstore: { source: trust.source, bundle, trustedRoot: trust.trustedRoot, identity: release.identity, issuer: release.issuer, origin: trust.origin },
+    sigstore: sigstoreEvidence(release, bundle),
     attestation: { name: where.name, file: { url: where.url, sha256: await storeBytes(s.cache, file, `attestation-${subject}`) } },
   };
   return { method: 'attestation', signer: `${signer.identity} (${signer.issuer})`, evidence: await storeEvidence(s.cache, evidence) };
@@ -243,7 +243,7 @@ async function cosignImage(s: Session, trust: SigstoreTrust, image: ImageRef): P
           subject,
           method: 'cosign',
           sha256: layer.digest!.replace(/^sha256:/, ''),
-          sigstore: { source: trust.source, bundle, trustedRoot: trust.trustedRoot, identity: trust.identity, issuer: trust.issuer, origin: trust.origin },
+          sigstore: sigstoreEvidence(trust, bundle),
           cosign: { payload: payload.toString('base64'), digest: image.digest },
         };
         return { method: 'cosign', signer: `${signer.identity} (${signer.issuer})`, evidence: await storeEvidence(s.cache, evidence) };
@@ -300,4 +300,9 @@ function unsignedImage(name: string): string {
   if (name === 'ghcr.io/flannel-io/flannel') return 'flannel publishes a GitHub build-provenance attestation through the registry\'s referrers, which corekube does not check yet; no cosign signature';
   if (name.startsWith('ghcr.io/kube-vip/')) return 'kube-vip publishes no signature for its images';
   return 'not in registry.k8s.io: no upstream signature corekube knows of';
+}
+
+/** The Sigstore part of an evidence file: the bundle and everything it was checked against. */
+function sigstoreEvidence(trust: SigstoreTrust, bundle: unknown): NonNullable<Evidence['sigstore']> {
+  return { source: trust.source, bundle, trustedRoot: trust.trustedRoot, identity: trust.identity, issuer: trust.issuer, origin: trust.origin };
 }
